@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv (Python 3.12) first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# A working Python 3.12: on PATH, else through pyenv (a pyenv shim may exist yet fail, so each one is tried).
+PYTHON312 ?= $(shell for c in python3.12 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
+	$$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$c; break; }; done)
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 found on PATH or through pyenv; install one (e.g. 'pyenv install 3.12')" >&2; exit 1; }
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) -m launch.demo
+
+test: venv
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,305 @@
+"""Checkpoints: Hugging Face safetensors <-> Flax NNX model <-> Orbax, streamed tensor by tensor.
+
+HF key layouts read: "flat" (`model.layers.*`, `model.embed_tokens.*`, `visual.*`, `lm_head.*`) and "nested"
+(`model.language_model.*`, `model.visual.*`, `lm_head.*`). VideoNSA checkpoints add per-layer
+`self_attn.g_proj_1.*` / `self_attn.g_proj_2.*`. An Orbax directory holds `config.json` and `params/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.model import Qwen25VL, abstract_model
+
+PARAMS_DIR = "params"
+SHARD_BYTES = 4 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys, unreadable files."""
+
+
+# ---------------------------------------------------------------------------- key mapping
+
+
+def _hf_name(path: tuple) -> str:
+    """Canonical HF name (without layout prefix) of an NNX parameter path."""
+    parts = [str(p) for p in path]
+    leaf = {"kernel": "weight", "embedding": "weight"}.get(parts[-1], parts[-1])
+    body = [{"mlp_0": "mlp.0", "mlp_2": "mlp.2"}.get(p, p) for p in parts[:-1]]
+    return ".".join(body + [leaf])
+
+
+def _to_layout(name: str, layout: str) -> str:
+    if name.startswith("lm_head."):
+        return name
+    if name.startswith("visual."):
+        return name if layout == "flat" else "model." + name
+    assert name.startswith("language_model.")
+    rest = name[len("language_model."):]
+    return "model." + rest if layout == "flat" else "model.language_model." + rest
+
+
+def _from_any_layout(key: str) -> str:
+    """Canonical name of an HF key in either layout."""
+    for prefix, canon in (("model.language_model.", "language_model."), ("model.visual.", "visual."),
+                          ("visual.", "visual."), ("model.", "language_model.")):
+        if key.startswith(prefix):
+            return canon + key[len(prefix):]
+    return key
+
+
+def detect_layout(keys) -> str:
+    return "nested" if any(k.startswith(("model.language_model.", "model.visual.")) for k in keys) else "flat"
+
+
+def _param_table(model: Qwen25VL) -> dict[str, tuple[tuple, tuple, Any]]:
+    """{canonical HF name: (nnx path, nnx shape, dtype)} for every parameter of the (abstract) model."""
+    table = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        table[_hf_name(path)] = (path, tuple(var.shape), var.dtype)
+    return table
+
+
+def _to_nnx(name: str, array: np.ndarray, shape: tuple) -> np.ndarray:
+    """HF tensor -> NNX layout (torch Linear [out, in] -> kernel [in, out]; Conv3d -> flattened kernel)."""
+    if name.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in name:
+        array = array.reshape(array.shape[0], -1).T
+    return array
+
+
+def _to_hf(name: str, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    if name == "visual.patch_embed.proj.weight":
+        v = config.vision
+        return array.T.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    if name.endswith(".weight") and array.ndim == 2 and "embed_tokens" not in name:
+        return array.T
+    return array
+
+
+# ---------------------------------------------------------------------------- safetensors reading
+
+
+def _safetensor_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index}: shard files {missing} not found")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    return [os.path.join(path, f) for f in files]
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # safetensors' SafetensorError on a damaged header
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def iter_hf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, numpy array) from an HF directory, one tensor in memory at a time."""
+    for file in _safetensor_files(path):
+        with _open(file) as f:
+            for key in f.keys():
+                try:
+                    array = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: tensor {key!r} unreadable ({e})") from e
+                yield key, array
+
+
+def hf_keys(path: str) -> list[str]:
+    keys = []
+    for file in _safetensor_files(path):
+        with _open(file) as f:
+            keys.extend(f.keys())
+    return keys
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def _fill(model: Qwen25VL, tensors: Iterator[tuple[str, np.ndarray]], source: str,
+          cast: Callable[[np.ndarray, Any], jax.Array]) -> Qwen25VL:
+    """Puts named HF tensors into an abstract model; raises on missing / unexpected / mis-shaped keys."""
+    table = _param_table(model)
+    tied = model.config.text.tie_word_embeddings
+    flat: dict[tuple, jax.Array] = {}
+    unexpected = []
+    for key, array in tensors:
+        name = _from_any_layout(key)
+        if name == "lm_head.weight" and tied:
+            continue  # tied: the embedding is the head
+        if name not in table:
+            unexpected.append(key)
+            continue
+        path, shape, dtype = table[name]
+        array = _to_nnx(name, array, shape)
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects "
+                                  f"{shape} (in the model's layout)")
+        flat[path] = cast(array, dtype)
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    missing = [n for n, (p, _, _) in table.items() if p not in flat]
+    if missing:
+        raise CheckpointError(f"{source}: missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    state = nnx.from_flat_state([(p, nnx.Param(flat[p])) for p, _ in nnx.to_flat_state(state)])
+    return nnx.merge(graphdef, state, rest)
+
+
+def _caster(param_dtype) -> Callable[[np.ndarray, Any], jax.Array]:
+    """Casts a loaded tensor to param_dtype, or keeps its stored dtype when param_dtype is None."""
+    return lambda array, _: jnp.asarray(array if param_dtype is None else np.asarray(array).astype(param_dtype))
+
+
+def load_hf(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwen25VL:
+    """A model from an HF Qwen2.5-VL or VideoNSA directory (config.json + safetensors).
+
+    dtype: parameter dtype (None keeps each stored tensor's dtype); compute_dtype: activations' dtype
+    (default: dtype, else float32). nsa: an `NSAConfig` overriding the checkpoint's NSA settings.
+    """
+    keys = hf_keys(path)
+    has_gates = any(".g_proj_1." in k for k in keys)
+    config = ModelConfig.from_json(path, has_gates=has_gates).replace(hf_key_layout=detect_layout(keys))
+    if nsa is not None:
+        config = config.replace(nsa=nsa)
+    model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
+    return _fill(model, iter_hf_tensors(path), path, _caster(dtype))
+
+
+def save_hf(model: Qwen25VL, path: str, *, dtype=None, layout: str | None = None,
+            shard_bytes: int = SHARD_BYTES) -> None:
+    """Writes safetensors (sharded with an index when large) + config.json that transformers loads.
+
+    dtype: the tensors' dtype (default: the parameters'); layout: HF key layout (default: the config's).
+    Converts and writes one shard at a time.
+    """
+    config = model.config
+    layout = layout or config.hf_key_layout
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal size
+        if not shards[-1]:
+            return
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shards[-1]})
+        shards[-1] = {}
+        size = 0
+
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _hf_name(p)
+        array = np.asarray(jax.device_get(var[...]))
+        if dtype is not None:
+            array = array.astype(dtype)
+        array = np.ascontiguousarray(_to_hf(name, array, config))
+        shards[-1][_to_layout(name, layout)] = array
+        size += array.nbytes
+        if size >= shard_bytes:
+            flush()
+    flush()
+    if len(files) == 1:
+        os.replace(os.path.join(path, files[0] + ".tmp"), os.path.join(path, "model.safetensors"))
+    else:
+        total = len(files)
+        renamed = {f: f.replace(".safetensors", f"-of-{total:05d}.safetensors") for f in files}
+        for f, r in renamed.items():
+            os.replace(os.path.join(path, f + ".tmp"), os.path.join(path, r))
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+            json.dump({"metadata": {}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}, fh, indent=1)
+    config.to_json(os.path.join(path, "config.json"))
+
+
+# ---------------------------------------------------------------------------- Orbax
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def save_orbax(model: Qwen25VL, path: str) -> None:
+    """Writes `config.json` and `params/` (an Orbax checkpoint of the parameters)."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    ckpt = _checkpointer()
+    ckpt.save(os.path.join(path, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ckpt.wait_until_finished()
+    model.config.to_json(os.path.join(path, "config.json"))
+
+
+def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
+    """A model from an Orbax directory written by `save_orbax` (dtype None keeps the stored dtypes)."""
+    path = os.path.abspath(path)
+    config = ModelConfig.from_json(path)
+    model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    ckpt = _checkpointer()
+    params = os.path.join(path, PARAMS_DIR)
+    try:
+        stored = {_path_str(kp): m for kp, m in
+                  jax.tree_util.tree_flatten_with_path(ckpt.metadata(params).item_metadata)[0]}
+        expected = nnx.to_pure_dict(state)
+        leaves = []
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+            name = _path_str(kp)
+            if name not in stored:
+                raise CheckpointError(f"{params}: missing key {name}")
+            if tuple(stored[name].shape) != tuple(leaf.shape):
+                raise CheckpointError(f"{params}: key {name} has shape {tuple(stored[name].shape)}, "
+                                      f"the model expects {tuple(leaf.shape)}")
+            leaves.append(jax.ShapeDtypeStruct(leaf.shape, dtype or stored[name].dtype))
+        target_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
+        restored = ckpt.restore(params, target_tree)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax raises many types on a damaged directory
+        raise CheckpointError(f"{params}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state, rest)
+
+
+def _path_str(keypath) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def from_pretrained(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwen25VL:
+    """Loads an HF directory (safetensors, sharded too, either key layout) or an Orbax directory.
+
+    dtype: parameter dtype (None keeps the stored dtypes); compute_dtype: activations (default dtype or f32).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    if is_orbax_dir(path):
+        if nsa is not None:
+            raise CheckpointError("nsa overrides apply to HF checkpoints; edit the Orbax config.json instead")
+        return load_orbax(path, dtype=dtype, compute_dtype=compute_dtype)
+    return load_hf(path, dtype=dtype, compute_dtype=compute_dtype, nsa=nsa)

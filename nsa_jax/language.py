@@ -1,0 +1,89 @@
+"""Qwen2 language model with multimodal rotary embeddings; attention per layer is dense or VideoNSA."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.attention import dense_attention
+from nsa_jax.config import ModelConfig, TextConfig
+from nsa_jax.layers import GatedMLP, RMSNorm, linear
+from nsa_jax.rope import apply_rotary
+
+
+class TokenContext(NamedTuple):
+    """Per-token facts every attention layer may need, computed once per forward pass."""
+
+    position_ids: jax.Array  # [3, B, T] mRoPE ids
+    cos: jax.Array  # [B, T, D]
+    sin: jax.Array  # [B, T, D]
+    segment_ids: jax.Array | None  # [B, T] packed samples (0 = padding) or None
+    kv_valid: jax.Array | None  # [B, T] keys that exist (padding masked) or None
+    vision_mask: jax.Array  # [B, T] bool: image / video pad tokens
+
+
+class DenseAttention(nnx.Module):
+    """Causal GQA self-attention with mRoPE (Qwen2.5-VL)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * d, bias=True, **kw)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
+        self.o_proj = linear(self.num_heads * d, cfg.hidden_size, bias=False, **kw)
+        self.implementation: str | None = None
+
+    def qkv(self, x: jax.Array, ctx: TokenContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B,T,H,D], k, v [B,T,K,D] after mRoPE."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = ctx.cos.astype(x.dtype), ctx.sin.astype(x.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        q, k, v = self.qkv(x, ctx)
+        o = dense_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid,
+                            implementation=self.implementation)
+        return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        t = cfg.text
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+        if cfg.nsa.uses_nsa(layer):
+            from nsa_jax.videonsa import NSAAttention  # the hybrid layer builds on DenseAttention
+            self.self_attn = NSAAttention(cfg, **kw)
+        else:
+            self.self_attn = DenseAttention(t, **kw)
+        self.mlp = GatedMLP(t.hidden_size, t.intermediate_size, t.hidden_act, bias=False, **kw)
+
+    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nnx.Module):
+    """Token embedding, decoder layers and the final norm (HF `Qwen2_5_VLTextModel`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        t = cfg.text
+        self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size, embedding_init=nnx.initializers.normal(0.02),
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for i in range(t.num_hidden_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)

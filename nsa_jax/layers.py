@@ -1,0 +1,57 @@
+"""Small building blocks shared by the vision tower and the language model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT = nnx.initializers.normal(0.02)
+
+
+def linear(din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype
+           ) -> nnx.Linear:
+    """A Linear layer with the HF initialisation (normal(0.02) kernel, zero bias)."""
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=INIT, bias_init=nnx.initializers.zeros,
+                      dtype=dtype, param_dtype=param_dtype, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale (the order matters for bf16 parity)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def activation(name: str):
+    """The HF activation of that name."""
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu", "gelu_exact"):
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype):
+        kw = dict(bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = linear(dim, hidden, **kw)
+        self.up_proj = linear(dim, hidden, **kw)
+        self.down_proj = linear(hidden, dim, **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

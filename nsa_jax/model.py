@@ -1,0 +1,100 @@
+"""Qwen2.5-VL for conditional generation (optionally with VideoNSA attention), in Flax NNX."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.language import TextModel, TokenContext
+from nsa_jax.layers import linear
+from nsa_jax.rope import get_rope_index, mrope_cos_sin
+from nsa_jax.vision import VisionLayout, VisionTower, vision_layout
+
+
+class VisionInput(NamedTuple):
+    """Pixel rows of all images (or all videos) of a batch with their precomputed layout."""
+
+    pixel_values: jax.Array  # [N, C*T*P*P]
+    layout: VisionLayout
+
+
+def scatter_vision(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> jax.Array:
+    """Replaces the rows of embeds [B,T,E] where mask [B,T] holds, in order, by features [M,E]."""
+    flat_mask = mask.reshape(-1)
+    idx = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, features.shape[0] - 1)
+    flat = jnp.where(flat_mask[:, None], features[idx].astype(embeds.dtype), embeds.reshape(-1, embeds.shape[-1]))
+    return flat.reshape(embeds.shape)
+
+
+class Qwen25VL(nnx.Module):
+    """`Qwen2_5_VLForConditionalGeneration`: vision tower, language model and LM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config.validate()
+        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.language_model = TextModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if not config.text.tie_word_embeddings:
+            self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, bias=False, rngs=rngs,
+                                  dtype=dtype, param_dtype=param_dtype)
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ jittable core
+
+    def forward(self, input_ids: jax.Array, position_ids: jax.Array, *, images: VisionInput | None = None,
+                videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
+                kv_valid: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+        """Logits [B, T, vocab] from token ids [B, T] and 3-D position ids [3, B, T] (fixed shapes)."""
+        cfg = self.config
+        x = self.language_model.embed_tokens(input_ids)
+        image_mask = input_ids == cfg.image_token_id
+        video_mask = input_ids == cfg.video_token_id
+        if images is not None:
+            x = scatter_vision(x, image_mask, self.visual(images.pixel_values, images.layout))
+        if videos is not None:
+            x = scatter_vision(x, video_mask, self.visual(videos.pixel_values, videos.layout))
+        cos, sin = mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+        ctx = TokenContext(position_ids, cos, sin, segment_ids, kv_valid, image_mask | video_mask)
+        h = self.language_model(x, ctx)
+        if return_hidden:
+            return h
+        return self.logits(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.config.text.tie_word_embeddings:
+            return self.language_model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ transformers-style call
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                 position_ids=None) -> jax.Array:
+        """Logits as `Qwen2_5_VLForConditionalGeneration(...).logits` (concrete, not jitted, inputs)."""
+        input_ids = np.asarray(input_ids)
+        if position_ids is None:
+            position_ids, _ = get_rope_index(input_ids, self.config, image_grid_thw=image_grid_thw,
+                                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                             attention_mask=attention_mask)
+        images = videos = None
+        if pixel_values is not None:
+            images = VisionInput(jnp.asarray(pixel_values), vision_layout(image_grid_thw, self.config.vision))
+        if pixel_values_videos is not None:
+            videos = VisionInput(jnp.asarray(pixel_values_videos), vision_layout(video_grid_thw, self.config.vision))
+        kv_valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        return self.forward(jnp.asarray(input_ids), jnp.asarray(position_ids, jnp.int32), images=images,
+                            videos=videos, kv_valid=kv_valid)
+
+
+def init_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> Qwen25VL:
+    """A randomly initialised model."""
+    return Qwen25VL(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> Qwen25VL:
+    """The model with shape-only parameters (no memory), for loading checkpoints into."""
+    return nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
