@@ -1,0 +1,296 @@
+"""Qwen2.5-VL image and video preprocessing in NumPy, array-for-array as in transformers 4.57.
+
+Pipeline: ``smart_resize`` picks the target size, ``resize_pil`` / ``resize_torchvision`` resample
+uint8 frames, ``normalize`` rescales by 1/255 and applies the OpenAI CLIP mean/std, ``patchify``
+pads the frame count to the temporal patch and flattens to rows of ``3 * 2 * 14 * 14``.
+
+Two transformers pipelines are mirrored exactly:
+
+* images: the slow ``Qwen2VLImageProcessor`` (PIL bicubic on uint8, rescale in float64 then cast
+  to float32, normalize in float32);
+* videos: ``Qwen2VLVideoProcessor`` on CPU (torchvision ``resize`` on uint8 tensors, which runs
+  torch's native uint8 antialiased bicubic kernel, then the fused float32
+  ``(x - 255 * mean) / (255 * std)``). qwen-vl-utils, which VideoNSA trained and evaluated
+  with, resizes video frames with the same torchvision call. ``preprocess_video(resample="pil")``
+  instead reproduces the legacy ``Qwen2VLImageProcessor(videos=...)`` path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+PATCH_SIZE = 14
+TEMPORAL_PATCH_SIZE = 2
+MERGE_SIZE = 2
+IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_MIN_PIXELS = 56 * 56
+IMAGE_MAX_PIXELS = 28 * 28 * 1280
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # Qwen2VLVideoProcessor and qwen-vl-utils default
+VIDEO_MAX_PIXELS = 28 * 28 * 768  # Qwen2VLVideoProcessor and qwen-vl-utils default
+VIDEONSA_VIDEO_MAX_PIXELS = 50176  # per frame, VideoNSA training
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+
+Resample = Literal["torchvision", "pil"]
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, area in [min_pixels, max_pixels], aspect kept.
+
+    Same arithmetic as transformers' ``qwen2_vl.image_processing_qwen2_vl.smart_resize`` (Python's
+    round-half-to-even included); ``max_pixels`` is checked first, so it wins when both bind.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def sample_frame_indices(
+    total_frames: int,
+    video_fps: float,
+    fps: float = 2.0,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int = FPS_MAX_FRAMES,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    rule: Literal["qwen_vl_utils", "transformers"] = "qwen_vl_utils",
+) -> tuple[np.ndarray, float]:
+    """Indices of the frames to keep when sampling a decoded video at ``fps``, and the fps to report.
+
+    Frame count (both rules): ``n = total_frames / video_fps * fps`` clamped to ``[min_frames,
+    min(max_frames, total_frames)]`` (the upper bound first floored to a multiple of
+    ``temporal_patch_size``), then floored to a multiple of ``temporal_patch_size``.
+    ``"qwen_vl_utils"`` (qwen-vl-utils ``smart_nframes``; VideoNSA's ms-swift training and
+    lmms-eval): ``min_frames`` is first ceiled to a multiple of the patch, indices are
+    ``round(linspace(0, total_frames - 1, n))`` in exact rational arithmetic (half to even), and
+    the returned fps is the effective rate ``n / total_frames * video_fps``. qwen-vl-utils computes
+    the linspace in torch float32, whose rounding error can move a value across .5: measured on
+    random videos of up to 30k frames sampled to <= 768 frames, ~4% have one index off by one
+    frame; below a few hundred frames the two agree. ``"transformers"`` (``Qwen2VLVideoProcessor.sample_frames``):
+    indices are ``torch.arange(0, total_frames, total_frames / n).int()`` reproduced bit for bit,
+    which for some sizes yields ``n + 1`` frames; the returned fps is the requested ``fps`` (what
+    ``Qwen2_5_VLProcessor`` puts in ``second_per_grid_ts``). Pass the returned fps to
+    ``preprocess_video``.
+    """
+    if total_frames < 1 or video_fps <= 0:
+        raise ValueError(f"need total_frames >= 1 and video_fps > 0, got {total_frames}, {video_fps}")
+    tps = temporal_patch_size
+    if rule == "qwen_vl_utils":
+        min_frames = math.ceil(min_frames / tps) * tps
+    elif rule != "transformers":
+        raise ValueError(f"unknown rule {rule!r}")
+    upper = math.floor(min(max_frames, total_frames) / tps) * tps
+    n = min(min(max(total_frames / video_fps * fps, min_frames), upper), total_frames)
+    n = math.floor(n / tps) * tps
+    if not tps <= n <= total_frames:
+        raise ValueError(f"cannot sample {n} frames (a multiple of {tps}) from a video of {total_frames} frames")
+    if rule == "qwen_vl_utils":
+        q, r = np.divmod(np.arange(n, dtype=np.int64) * (total_frames - 1), max(n - 1, 1))
+        round_up = (2 * r > n - 1) | ((2 * r == n - 1) & (q % 2 == 1))
+        return q + round_up, n / total_frames * video_fps
+    step = total_frames / n
+    count = math.ceil(total_frames / step)
+    return (np.arange(count) * step).astype(np.float32).astype(np.int64), float(fps)
+
+
+def resize_pil(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of uint8 ``[..., H, W, 3]`` with PIL, as the slow ``Qwen2VLImageProcessor``."""
+    images = _check_uint8_rgb(images)
+    if images.shape[-3:-1] == (height, width):
+        return images
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = [np.asarray(Image.fromarray(f).resize((width, height), resample=Image.Resampling.BICUBIC)) for f in flat]
+    return np.stack(out).reshape(*images.shape[:-3], height, width, images.shape[-1])
+
+
+def resize_torchvision(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bicubic resize of uint8 ``[..., H, W, 3]``, bit-exact to torchvision on CPU.
+
+    torchvision's ``resize`` sends uint8 bicubic to torch's native uint8 kernel
+    (``_upsample_bicubic2d_aa``): per axis, Keys cubic (a = -0.5) weights with PIL's support and
+    centering, normalized in float64, rounded to int16 at the largest precision the axis's largest
+    weight allows; each output is ``clip((sum(x * w) + 2**(p-1)) >> p, 0, 255)``. The width pass
+    runs first and its uint8 result feeds the height pass; an axis whose size is unchanged is skipped.
+    """
+    images = _check_uint8_rgb(images)
+    in_h, in_w = images.shape[-3:-1]
+    if (in_h, in_w) == (height, width):
+        return images
+    taps_w = _aa_bicubic_int16_taps(in_w, width) if in_w != width else None
+    taps_h = _aa_bicubic_int16_taps(in_h, height) if in_h != height else None
+    flat = images.reshape(-1, in_h, in_w, images.shape[-1])
+    out = np.empty((len(flat), height, width, images.shape[-1]), np.uint8)
+    for i, frame in enumerate(flat):  # one frame at a time bounds the int32 temporaries
+        if taps_w is not None:
+            frame = _resample_axis(frame, 1, *taps_w)
+        if taps_h is not None:
+            frame = _resample_axis(frame, 0, *taps_h)
+        out[i] = frame
+    return out.reshape(*images.shape[:-3], height, width, images.shape[-1])
+
+
+def _aa_bicubic_int16_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per output index: input indices [out, K], int16-valued weights [out, K], precision bits."""
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    taps = int(math.ceil(support)) * 2 + 1
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    index = np.zeros((out_size, taps), np.int64)
+    weight = np.zeros((out_size, taps), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        xmin = max(int(center - support + 0.5), 0)
+        xsize = min(max(min(int(center + support + 0.5), in_size) - xmin, 0), taps)
+        w = np.array([_keys_cubic((j + xmin - center + 0.5) * invscale) for j in range(xsize)])
+        total = 0.0
+        for v in w:  # sequential sum, as the C++ loop
+            total += v
+        if total != 0.0:
+            weight[i, :xsize] = w / total
+        index[i, :xsize] = np.arange(xmin, xmin + xsize)
+    wt_max = weight.max()
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weight * (1 << precision)
+    return index, np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5)).astype(np.int64), precision
+
+
+def _keys_cubic(x: float) -> float:
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2.0:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+def _resample_axis(frame: np.ndarray, axis: int, index: np.ndarray, weight: np.ndarray, precision: int) -> np.ndarray:
+    """One separable pass of ``resize_torchvision`` over ``axis`` of a uint8 [H, W, C] frame."""
+    x = np.ascontiguousarray(np.moveaxis(frame, axis, 0)).astype(np.int32)
+    acc = np.full((index.shape[0],) + x.shape[1:], 1 << (precision - 1), np.int32)
+    for k in range(index.shape[1]):
+        acc += x[index[:, k]] * weight[:, k, None, None].astype(np.int32)
+    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
+
+
+def _check_uint8_rgb(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [..., H, W, 3], got {images.dtype} {images.shape}")
+    return images
+
+
+def normalize(
+    images: np.ndarray,
+    fused: bool = False,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> np.ndarray:
+    """uint8 ``[..., 3]`` -> float32 ``(x / 255 - mean) / std``, rounded as transformers does.
+
+    ``fused=False``: the slow image processor (``x * (1/255)`` in float64, cast to float32, then
+    ``(x - mean) / std`` in float32). ``fused=True``: the torch processors (``(x - mean * 255) /
+    (std * 255)`` in float32, the constants scaled in float32).
+    """
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if fused:
+        return (images.astype(np.float32) - mean32 * np.float32(255.0)) / (std32 * np.float32(255.0))
+    return ((images.astype(np.float64) * (1 / 255)).astype(np.float32) - mean32) / std32
+
+
+def patchify(
+    frames: np.ndarray,
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Float ``[T, H, W, C]`` -> rows ``[grid_t * grid_h * grid_w, C * tps * p * p]`` and (t, h, w).
+
+    T is padded to a multiple of ``temporal_patch_size`` by repeating the last frame. Rows come in
+    transformers' order: time, then 2x2 merge groups in raster order, then the patches inside a
+    group in raster order; a row is laid out (channel, time, row, column).
+    """
+    t, h, w, c = frames.shape
+    if h % (patch_size * merge_size) or w % (patch_size * merge_size):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {patch_size * merge_size}")
+    if t % temporal_patch_size:
+        pad = np.repeat(frames[-1:], temporal_patch_size - t % temporal_patch_size, axis=0)
+        frames = np.concatenate([frames, pad], axis=0)
+    gt, gh, gw = frames.shape[0] // temporal_patch_size, h // patch_size, w // patch_size
+    x = frames.reshape(
+        gt, temporal_patch_size, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size, c
+    )
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray],
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``[H, W, 3]`` images -> ``pixel_values`` float32 [N, 1176], ``image_grid_thw`` int64 [n, 3].
+
+    Equal to ``Qwen2VLImageProcessor(min_pixels=..., max_pixels=...)(images)``: each image is
+    resized on its own, repeated to two frames, and its rows are concatenated in order.
+    """
+    rows, grids = [], []
+    for image in images:
+        h, w = smart_resize(*np.shape(image)[:2], min_pixels=min_pixels, max_pixels=max_pixels)
+        r, grid = patchify(normalize(resize_pil(image, h, w))[None])
+        rows.append(r)
+        grids.append(grid)
+    return np.concatenate(rows), np.array(grids, np.int64).reshape(-1, 3)
+
+
+def preprocess_video(
+    frames: np.ndarray,
+    fps: float,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+    resample: Resample = "torchvision",
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Sampled uint8 frames ``[T, H, W, 3]`` at ``fps`` -> (pixel_values [N, 1176], video_grid_thw [1, 3],
+    second_per_grid_t = temporal_patch_size / fps).
+
+    ``resample="torchvision"`` equals ``Qwen2VLVideoProcessor`` on CPU (and ``Qwen2_5_VLProcessor``'s
+    ``second_per_grid_ts`` for ``fps``); ``"pil"`` equals ``Qwen2VLImageProcessor(videos=...)``.
+    """
+    frames = _check_uint8_rgb(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"expected frames [T, H, W, 3], got {frames.shape}")
+    h, w = smart_resize(*frames.shape[1:3], min_pixels=min_pixels, max_pixels=max_pixels)
+    if resample == "torchvision":
+        pixels = normalize(resize_torchvision(frames, h, w), fused=True)
+    elif resample == "pil":
+        pixels = normalize(resize_pil(frames, h, w))
+    else:
+        raise ValueError(f"unknown resample {resample!r}")
+    rows, grid = patchify(pixels)
+    return rows, np.array([grid], np.int64), TEMPORAL_PATCH_SIZE / fps
