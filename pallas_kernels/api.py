@@ -1,0 +1,64 @@
+"""Public entry point: `nsa_attention`."""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels import layout as layouts
+from pallas_kernels.reference import nsa_reference
+from pallas_kernels.segments import validate_segments
+
+IMPLS = ("auto", "reference", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" is "pallas" on GPU / TPU and "reference" on CPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "reference"
+    return impl
+
+
+def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_slc: jax.Array,
+                  g_swa: jax.Array, *, block_size: int = 64, block_count: int = 32, window_size: int = 256,
+                  segment_ids: jax.Array | None = None, causal_compression: bool = True,
+                  head_layout: str = "gqa", tie_break: str = "recent", scale: float | None = None,
+                  impl: str = "auto") -> jax.Array:
+    """Native Sparse Attention: g_cmp * compression + g_slc * selection + g_swa * sliding window, per head.
+
+    q [B, T, HQ, D]; k, v [B, T, HKV, D] (HQ a multiple of HKV); gates [B, T, HQ]; any T. Returns o
+    [B, T, HQ, D] in q's dtype. scale defaults to D ** -0.5.
+    segment_ids [B, T] int: packed samples, see `segments.py` (no attention across segments; every segment
+      starts at a multiple of block_size, checked when the ids are concrete).
+    causal_compression: True = query i attends complete blocks ending at or before i (SPEC §3); False = the
+      released mask i <= (j + 1) * block_size - 1 (SPEC §2.5).
+    head_layout: "gqa" (head h reads KV head h // G) or "videonsa" (the released padded layout, `layout.py`).
+    tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
+    Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
+    impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU, interpret
+      mode on CPU) or "auto" (pallas on GPU / TPU, reference on CPU).
+    """
+    b, t, hq, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
+        raise ValueError(f"k, v must be [B, T, HKV, D] matching q {q.shape}, got {k.shape}, {v.shape}")
+    for g in (g_cmp, g_slc, g_swa):
+        if g.shape != (b, t, hq):
+            raise ValueError(f"gates must be [B, T, HQ] = {(b, t, hq)}, got {g.shape}")
+    if min(block_size, block_count, window_size) < 1:
+        raise ValueError("block_size, block_count and window_size must be positive")
+    layout = layouts.head_layout(head_layout, hq, k.shape[2])
+    if tie_break not in ("recent", "fla"):
+        raise ValueError(f"tie_break must be 'recent' or 'fla', got {tie_break!r}")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
+        validate_segments(segment_ids, block_size)
+    kwargs = dict(block_size=block_size, block_count=block_count, window_size=window_size,
+                  segment_ids=segment_ids, causal_compression=causal_compression, tie_break=tie_break,
+                  scale=scale)
+    if resolve_impl(impl) == "reference":
+        return nsa_reference(q, k, v, g_cmp, g_slc, g_swa, head_layout_kind=layout.kind, **kwargs)
+    from pallas_kernels.nsa_pallas import nsa_pallas
+    return nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
+

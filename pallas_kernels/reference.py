@@ -1,0 +1,186 @@
+"""Pure-jnp oracle of NSA: every branch and the whole gated sum, dense masks, float32 inside.
+
+Branches work on *expanded* query heads: q [B, T, P, D] where head p reads KV head p // (P / HKV). The head
+layouts of `layout.py` expand literally here ("videonsa": [q, q, zeros], P padded heads) and collapse after.
+Masks (i query, j key or block, bs block size, seg(.) the segment; blocks never straddle segments):
+- compression, causal ("native"): block j visible iff (j + 1) * bs - 1 <= i (complete blocks ending at or
+  before i); non-causal ("videonsa", as released): iff i <= (j + 1) * bs - 1. Same segment in both.
+- importance (per KV head, summed over its heads): sum_p exp(scale * q_p . k_cmp_j - lse_p) for past blocks
+  first_block(seg(i)) <= j < i // bs; the current block i // bs is always chosen ("recent") or scores one
+  per head of the group ("fla", inside fla's network).
+- selection: keys j <= i of the chosen blocks. Window: i - window < j <= i. Same segment everywhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.layout import HeadLayout, head_layout
+from pallas_kernels.segments import default_segments
+from pallas_kernels.topk_rules import fla_topk, recent_topk
+
+NEG_INF = -jnp.inf
+
+
+def mean_pool(x: jax.Array, block_size: int) -> jax.Array:
+    """[B, T, H, D] -> [B, ceil(T / bs), H, D] float32 block means; the last block averages what it has."""
+    b, t, h, d = x.shape
+    nb = -(-t // block_size)
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * block_size - t), (0, 0), (0, 0)))
+    counts = jnp.minimum(block_size, t - jnp.arange(nb) * block_size).astype(jnp.float32)
+    return xp.reshape(b, nb, block_size, h, d).sum(2) / counts[None, :, None, None]
+
+
+def _kv_for_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """KV heads [B, N, HKV, D] -> per query head [B, N, P, D] (head p reads KV head p // (P / HKV))."""
+    return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def _block_segments(segment_ids: jax.Array, block_size: int) -> jax.Array:
+    return segment_ids[:, ::block_size]
+
+
+def _masked_softmax_attention(s: jax.Array, mask: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s [B, P, T, N] logits, mask broadcastable, v [B, N, P, D]; rows with no key give o = 0, lse = -inf.
+    Written so that masked-out and empty rows give finite gradients."""
+    s = jnp.where(mask, s, NEG_INF)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    e = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = e.sum(-1)
+    safe_l = jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bptn,bnpd->btpd", e / safe_l[..., None], v)
+    lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m[..., 0]), m[..., 0], 0.0) + jnp.log(safe_l), NEG_INF)
+    return o, lse.transpose(0, 2, 1)
+
+
+def compression_attention(q, k, v, *, block_size: int, causal: bool, segment_ids=None, scale=None):
+    """Attention of q [B, T, P, D] to mean-pooled k, v [B, T, HKV, D]. Returns o [B, T, P, D] float32 and
+    the natural-log lse [B, T, P] (-inf where a row sees no block)."""
+    b, t, p, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
+    nb = kc.shape[1]
+    s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
+    i, j = jnp.arange(t)[:, None], jnp.arange(nb)[None, :]
+    visible = ((j + 1) * block_size - 1 <= i) if causal else (i <= (j + 1) * block_size - 1)
+    same = seg[:, :, None] == _block_segments(seg, block_size)[:, None, :]
+    return _masked_softmax_attention(s, (visible[None] & same)[:, None], _kv_for_heads(vc, p))
+
+
+def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None) -> jax.Array:
+    """Importance [B, T, HKV, NB] of past blocks (first block of the segment <= j < i // bs), summed over
+    the heads of each KV head; -inf elsewhere. q [B, T, P, D], k [B, T, HKV, D], lse [B, T, P]."""
+    b, t, p, d = q.shape
+    hkv = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    kc = mean_pool(k, block_size)
+    nb = kc.shape[1]
+    s = jnp.einsum("btpd,bnpd->btpn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
+    finite = jnp.isfinite(lse)[..., None]
+    prob = jnp.where(finite, jnp.exp(s - jnp.where(finite, lse[..., None], 0.0)), 0.0)
+    imp = prob.reshape(b, t, hkv, p // hkv, nb).sum(3)
+    i, j = jnp.arange(t)[:, None], jnp.arange(nb)[None, :]
+    past = (j < i // block_size)[None] & (seg[:, :, None] == _block_segments(seg, block_size)[:, None, :])
+    return jnp.where(past[:, :, None, :], imp, NEG_INF)
+
+
+def _first_block(segment_ids: jax.Array, block_size: int) -> jax.Array:
+    """[B, T] absolute index of the first block of each token's segment."""
+    t = segment_ids.shape[1]
+    pos = jnp.arange(t)
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(new, pos, 0), axis=1) // block_size
+
+
+def select_blocks(importance, *, block_size: int, block_count: int, tie_break: str, group_size: int,
+                  segment_ids=None) -> jax.Array:
+    """Chosen blocks [B, T, HKV, block_count] int32 (absolute indices, -1 = empty slot).
+
+    tie_break "recent": current block always, then by importance, ties to the most recent block.
+    tie_break "fla": fla's bitonic network over blocks relative to the segment start (`topk_rules.py`),
+    the current block scoring `group_size`.
+    """
+    b, t, hkv, nb = importance.shape
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    first = jnp.broadcast_to(_first_block(seg, block_size)[:, :, None], (b, t, hkv))
+    cur = jnp.broadcast_to((jnp.arange(t) // block_size)[None, :, None], (b, t, hkv))
+    if tie_break == "recent":
+        return recent_topk(importance, cur, first, block_count=block_count)
+    if tie_break != "fla":
+        raise ValueError(f"tie_break must be 'recent' or 'fla', got {tie_break!r}")
+    # Shift each row's blocks so that its segment's first block is block 0, as fla's varlen kernel sees them.
+    rel = jnp.arange(nb)[None, None, None, :] + first[..., None]
+    shifted = jnp.take_along_axis(importance, jnp.minimum(rel, nb - 1), axis=-1)
+    out = fla_topk(shifted, cur - first, group_size=group_size, block_count=block_count, chunk=block_size)
+    return jnp.where(out >= 0, out + first[..., None], -1)
+
+
+def selection_attention(q, k, v, block_indices, *, block_size: int, scale=None, segment_ids=None):
+    """Attention of q [B, T, P, D] to keys j <= i in the blocks `block_indices` [B, T, HKV, S] of its KV head."""
+    b, t, p, d = q.shape
+    hkv = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    nb = -(-t // block_size)
+    chosen = (block_indices[..., None] == jnp.arange(nb)).any(-2)  # [B, T, HKV, NB]
+    key_chosen = jnp.repeat(chosen, block_size, axis=-1)[..., :t]  # [B, T, HKV, T]
+    mask = jnp.repeat(key_chosen, p // hkv, axis=2).transpose(0, 2, 1, 3)  # [B, P, T, T]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    mask = mask & (j <= i)[None, None] & (seg[:, :, None] == seg[:, None, :])[:, None]
+    s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(k.astype(jnp.float32), p)) * scale
+    return _masked_softmax_attention(s, mask, _kv_for_heads(v.astype(jnp.float32), p))[0]
+
+
+def window_attention(q, k, v, *, window_size: int, scale=None, segment_ids=None):
+    """Causal attention of q [B, T, P, D] to the last `window_size` keys including i, in its segment."""
+    b, t, p, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    mask = ((j <= i) & (j > i - window_size))[None] & (seg[:, :, None] == seg[:, None, :])
+    s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(k.astype(jnp.float32), p)) * scale
+    return _masked_softmax_attention(s, mask[:, None], _kv_for_heads(v.astype(jnp.float32), p))[0]
+
+
+def expand_heads(x: jax.Array, layout: HeadLayout) -> jax.Array:
+    """Query-head tensor [B, T, HQ, ...] -> padded heads [B, T, P, ...] ("videonsa": [x, x, zeros])."""
+    if layout.kind == "gqa":
+        return x
+    zeros = jnp.zeros(x.shape[:2] + (layout.padded_heads - 2 * layout.num_q_heads,) + x.shape[3:], x.dtype)
+    return jnp.concatenate([x, x, zeros], axis=2)
+
+
+def collapse_heads(o: jax.Array, layout: HeadLayout) -> jax.Array:
+    """Padded heads [B, T, P, D] -> query heads [B, T, HQ, D] (mean of the two copies in "videonsa")."""
+    if layout.kind == "gqa":
+        return o
+    hq = layout.num_q_heads
+    return 0.5 * (o[:, :, :hq] + o[:, :, hq:2 * hq])
+
+
+def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_count: int = 32,
+                  window_size: int = 256, segment_ids=None, causal_compression: bool = True,
+                  head_layout_kind: str = "gqa", tie_break: str = "recent", scale=None,
+                  return_block_indices: bool = False):
+    """The whole NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa per head, in q's dtype."""
+    layout = head_layout(head_layout_kind, q.shape[2], k.shape[2])
+    qe = expand_heads(q, layout)
+    gates = [expand_heads(g[..., None].astype(jnp.float32), layout) for g in (g_cmp, g_slc, g_swa)]
+    o_cmp, lse = compression_attention(qe, k, v, block_size=block_size, causal=causal_compression,
+                                       segment_ids=segment_ids, scale=scale)
+    imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), jax.lax.stop_gradient(lse),
+                           block_size=block_size, scale=scale, segment_ids=segment_ids)
+    idx = select_blocks(imp, block_size=block_size, block_count=block_count, tie_break=tie_break,
+                        group_size=layout.group_size, segment_ids=segment_ids)
+    o_slc = selection_attention(qe, k, v, idx, block_size=block_size, scale=scale, segment_ids=segment_ids)
+    o_swa = window_attention(qe, k, v, window_size=window_size, scale=scale, segment_ids=segment_ids)
+    o = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_swa
+    o = collapse_heads(o, layout).astype(q.dtype)
+    return (o, idx) if return_block_indices else o
+
+
+__all__ = ["mean_pool", "compression_attention", "block_importance", "select_blocks", "selection_attention",
+           "window_attention", "expand_heads", "collapse_heads", "nsa_reference"]

@@ -1,0 +1,198 @@
+"""The jnp NSA oracle (`pallas_kernels.reference`) against plainly written numpy loops and hand-worked cases."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import nsa_attention
+from pallas_kernels.layout import head_layout
+from pallas_kernels.reference import mean_pool, nsa_reference
+from pallas_kernels.topk_rules import fla_topk
+
+
+def _softmax_rows(s):
+    m = s.max()
+    e = np.exp(s - m)
+    return e / e.sum(), m + math.log(e.sum())
+
+
+def numpy_nsa(q, k, v, gc, gs, gw, *, bs, count, window, seg, causal, layout, tie):
+    """Per-row loops in float64, written from SPEC §2-3 without sharing code with the package."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    gates = [np.asarray(g, np.float64) for g in (gc, gs, gw)]
+    b_, t_, hq, d = q.shape
+    hkv = k.shape[2]
+    if layout == "gqa":
+        heads = [(h, 1.0) for h in range(hq)]  # padded head p -> (query head or None, copy weight)
+        gp = hq // hkv
+    else:
+        gp = 1 << (math.ceil(2 * hq / hkv) - 1).bit_length()
+        heads = [(p % hq, 0.5) if p < 2 * hq else (None, 0.0) for p in range(gp * hkv)]
+    scale = d ** -0.5
+    nb = -(-t_ // bs)
+    out = np.zeros((b_, t_, hq, d))
+    for b in range(b_):
+        sg = np.zeros(t_, int) if seg is None else np.asarray(seg[b])
+        start = [max(s for s in range(i + 1) if s == 0 or sg[s] != sg[s - 1]) for i in range(t_)]
+        kc = np.stack([k[b, j * bs:(j + 1) * bs].mean(0) for j in range(nb)])
+        vc = np.stack([v[b, j * bs:(j + 1) * bs].mean(0) for j in range(nb)])
+        o_cmp, lse = {}, {}
+        for p, (h, _) in enumerate(heads):
+            kv = p // gp
+            for i in range(t_):
+                qv = q[b, i, h] if h is not None else np.zeros(d)
+                vis = [j for j in range(nb) if sg[j * bs] == sg[i]
+                       and (((j + 1) * bs - 1 <= i) if causal else (i <= (j + 1) * bs - 1))]
+                if not vis:
+                    o_cmp[p, i], lse[p, i] = np.zeros(d), -np.inf
+                    continue
+                w, lse[p, i] = _softmax_rows(np.array([qv @ kc[j, kv] * scale for j in vis]))
+                o_cmp[p, i] = sum(wj * vc[j, kv] for wj, j in zip(w, vis))
+        chosen = {}
+        for kv in range(hkv):
+            group = range(kv * gp, (kv + 1) * gp)
+            for i in range(t_):
+                cur, first = i // bs, start[i] // bs
+                imp = {}
+                for j in range(first, cur):
+                    tot = 0.0
+                    for p in group:
+                        h = heads[p][0]
+                        qv = q[b, i, h] if h is not None else np.zeros(d)
+                        if np.isfinite(lse[p, i]):
+                            tot += math.exp(qv @ kc[j, kv] * scale - lse[p, i])
+                    imp[j] = tot
+                if tie == "recent":
+                    past = sorted(imp, key=lambda j: (-imp[j], -j))
+                    chosen[kv, i] = {cur, *past[:count - 1]}
+                else:  # without ties fla's network keeps the highest scores; the current block scores gp
+                    imp[cur] = float(gp)
+                    chosen[kv, i] = set(sorted(imp, key=lambda j: -imp[j])[:count])
+        for p, (h, wcopy) in enumerate(heads):
+            if h is None:
+                continue
+            kv = p // gp
+            for i in range(t_):
+                keys_slc = [j for j in range(start[i], i + 1) if j // bs in chosen[kv, i]]
+                keys_swa = [j for j in range(max(start[i], i - window + 1), i + 1)]
+                res = gates[0][b, i, h] * o_cmp[p, i]
+                for keys, g in ((keys_slc, gates[1][b, i, h]), (keys_swa, gates[2][b, i, h])):
+                    w, _ = _softmax_rows(np.array([q[b, i, h] @ k[b, j, kv] * scale for j in keys]))
+                    res = res + g * sum(wj * v[b, j, kv] for wj, j in zip(w, keys))
+                out[b, i, h] += wcopy * res
+    return out
+
+
+def _inputs(seed, b, t, hq, hkv, d, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, hq, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, hkv, d), dtype)
+    v = jax.random.normal(ks[2], (b, t, hkv, d), dtype)
+    gates = [jax.nn.sigmoid(jax.random.normal(kk, (b, t, hq))).astype(dtype) for kk in ks[3:]]
+    return q, k, v, *gates
+
+
+@pytest.mark.parametrize("bits", [(32, [32], list(range(1, 33))),
+                                  (40, [40], [*range(8, 12), *range(13, 41)]),
+                                  (100, [100], [68, 69, *range(71, 101)]),
+                                  (200, [200], [*range(160, 176), *range(184, 188), *range(189, 201)])])
+def test_fla_tie_vectors(bits):
+    """SPEC §2.6: all past blocks tied below the current block; which 32 blocks fla's network keeps."""
+    c, _, kept = bits
+    scores = jnp.full((c + 7,), 0.25, jnp.float32)
+    topk = jax.jit(lambda s, c: fla_topk(s, c, group_size=16, block_count=32, chunk=64))
+    out = np.asarray(topk(scores, jnp.int32(c)))
+    assert sorted(out.tolist()) == kept
+    assert out[0] == c  # the current block leads
+
+
+def test_mean_pool_partial_last_block():
+    x = jnp.arange(10, dtype=jnp.float32).reshape(1, 10, 1, 1)
+    np.testing.assert_allclose(np.asarray(mean_pool(x, 4))[0, :, 0, 0], [1.5, 5.5, 8.5])
+
+
+def test_videonsa_layout_generalisation():
+    rel = head_layout("videonsa", 28, 4)
+    assert (rel.group_size, rel.padded_heads, rel.virtual_heads) == (16, 64, 56)
+    assert [rel.zero_rows_of_kv_head(h) for h in range(4)] == [0, 0, 0, 8]
+    odd = head_layout("videonsa", 6, 3)  # 2 * 6 / 3 = 4 -> groups of 4 over 3 KV heads
+    assert (odd.group_size, odd.padded_heads) == (4, 12)
+    assert head_layout("gqa", 28, 4).group_size == 7
+
+
+CASES = {  # name: (b, t, hq, hkv, d, bs, count, window, causal, layout, tie, segments)
+    "native_g1": (1, 37, 2, 2, 8, 8, 2, 5, True, "gqa", "recent", None),
+    "native_g2_count_exceeds": (1, 45, 4, 2, 8, 8, 9, 11, True, "gqa", "recent", None),
+    "native_g7_segments": (2, 48, 7, 1, 8, 8, 3, 6, True, "gqa", "recent", [(0, 16), (1, 40), (2, 48)]),
+    "videonsa_28_4": (1, 70, 28, 4, 8, 16, 3, 20, False, "videonsa", "fla", None),
+    "videonsa_6_2_segments": (1, 53, 6, 2, 8, 8, 2, 7, False, "videonsa", "fla", [(3, 24), (5, 53)]),
+}
+
+
+def _segments(spec, b, t):
+    if spec is None:
+        return None
+    row, s = [], 0
+    for sid, end in spec:
+        row += [sid] * (end - s)
+        s = end
+    return jnp.asarray([row] * b, jnp.int32)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_matches_numpy_loops(name):
+    b, t, hq, hkv, d, bs, count, window, causal, layout, tie, segs = CASES[name]
+    args = _inputs(hash(name) % 1000, b, t, hq, hkv, d)
+    seg = _segments(segs, b, t)
+    kw = dict(block_size=bs, block_count=count, window_size=window, segment_ids=seg,
+              causal_compression=causal, head_layout=layout, tie_break=tie, impl="reference")
+    got = np.asarray(jax.jit(lambda *a: nsa_attention(*a, **kw))(*args))
+    want = numpy_nsa(*args, bs=bs, count=count, window=window, seg=seg, causal=causal, layout=layout, tie=tie)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_recent_ties_keep_the_latest_blocks():
+    """Zero queries tie every past block: "recent" keeps the current block and the newest past ones."""
+    b, t, hq, hkv, d, bs = 1, 64, 2, 1, 4, 8
+    q, k, v, *g = _inputs(0, b, t, hq, hkv, d)
+    run = jax.jit(lambda *a: nsa_reference(*a, block_size=bs, block_count=3, window_size=4,
+                                           return_block_indices=True))
+    _, idx = run(jnp.zeros_like(q), k, v, *g)
+    idx = np.asarray(idx)
+    assert sorted(idx[0, 63, 0].tolist()) == [5, 6, 7]
+    assert sorted(idx[0, 9, 0].tolist()) == [-1, 0, 1]
+
+
+def test_fla_ties_in_the_model_path():
+    """Mode videonsa with zeroed queries: tied rows keep exactly the blocks of fla's network (c = 20)."""
+    t, bs = 21 * 16 + 3, 16
+    q, k, v, *g = _inputs(1, 1, t, 4, 2, 4)
+    run = jax.jit(lambda *a: nsa_reference(*a, block_size=bs, block_count=8, window_size=4,
+                                           causal_compression=False, head_layout_kind="videonsa",
+                                           tie_break="fla", return_block_indices=True))
+    _, idx = run(jnp.zeros_like(q), k, v, *g)
+    kept = np.asarray(idx)[0, 20 * bs + 5]  # both KV heads, a row of block 20
+    for row in kept:
+        assert sorted(row.tolist()) == [8, 9, 11, 16, 17, 18, 19, 20]  # fla's order, not the 8 newest
+
+
+def test_segments_must_start_on_block_boundaries():
+    q, k, v, *g = _inputs(0, 1, 32, 2, 1, 4)
+    seg = jnp.asarray([[0] * 10 + [1] * 22], jnp.int32)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        nsa_attention(q, k, v, *g, block_size=8, segment_ids=seg, impl="reference")
+
+
+def test_packed_equals_separate():
+    """Two samples packed in one row give the same outputs as each run alone."""
+    q, k, v, *g = _inputs(3, 1, 40, 4, 2, 8)
+    kw = dict(block_size=8, block_count=2, window_size=5, impl="reference")
+    seg = jnp.asarray([[0] * 24 + [1] * 16], jnp.int32)
+    run = jax.jit(lambda *a, segment_ids=None: nsa_attention(*a, segment_ids=segment_ids, **kw))
+    packed = run(q, k, v, *g, segment_ids=seg)
+    first = run(*(x[:, :24] for x in (q, k, v, *g)))
+    second = run(*(x[:, 24:] for x in (q, k, v, *g)))
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-6)
