@@ -4,15 +4,14 @@ Pipeline: ``smart_resize`` picks the target size, ``resize_pil`` / ``resize_torc
 uint8 frames, ``normalize`` rescales by 1/255 and applies the OpenAI CLIP mean/std, ``patchify``
 pads the frame count to the temporal patch and flattens to rows of ``3 * 2 * 14 * 14``.
 
-Two transformers pipelines are mirrored exactly:
+Both transformers resampling paths are mirrored exactly (``resample=``):
 
-* images: the slow ``Qwen2VLImageProcessor`` (PIL bicubic on uint8, rescale in float64 then cast
-  to float32, normalize in float32);
-* videos: ``Qwen2VLVideoProcessor`` on CPU (torchvision ``resize`` on uint8 tensors, which runs
-  torch's native uint8 antialiased bicubic kernel, then the fused float32
-  ``(x - 255 * mean) / (255 * std)``). qwen-vl-utils, which VideoNSA trained and evaluated
-  with, resizes video frames with the same torchvision call. ``preprocess_video(resample="pil")``
-  instead reproduces the legacy ``Qwen2VLImageProcessor(videos=...)`` path.
+* ``"pil"``: the slow ``Qwen2VLImageProcessor`` (PIL bicubic on uint8, rescale in float64 then
+  cast to float32, normalize in float32). Default for images; qwen-vl-utils resizes images with PIL.
+* ``"torchvision"``: ``Qwen2VLVideoProcessor`` and ``Qwen2VLImageProcessorFast`` on CPU
+  (torchvision ``resize`` on uint8 tensors, which runs torch's native uint8 antialiased bicubic
+  kernel, then the fused float32 ``(x - 255 * mean) / (255 * std)``). Default for videos;
+  qwen-vl-utils, which VideoNSA trained and evaluated with, resizes video frames with the same call.
 """
 
 from __future__ import annotations
@@ -250,20 +249,32 @@ def patchify(
     return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
 
 
+def _resize_and_normalize(frames: np.ndarray, height: int, width: int, resample: Resample) -> np.ndarray:
+    """The resampler and the normalization of the transformers processor that uses it."""
+    if resample == "torchvision":
+        return normalize(resize_torchvision(frames, height, width), fused=True)
+    if resample == "pil":
+        return normalize(resize_pil(frames, height, width))
+    raise ValueError(f"unknown resample {resample!r}")
+
+
 def preprocess_images(
     images: Sequence[np.ndarray],
     min_pixels: int = IMAGE_MIN_PIXELS,
     max_pixels: int = IMAGE_MAX_PIXELS,
+    resample: Resample = "pil",
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 ``[H, W, 3]`` images -> ``pixel_values`` float32 [N, 1176], ``image_grid_thw`` int64 [n, 3].
 
-    Equal to ``Qwen2VLImageProcessor(min_pixels=..., max_pixels=...)(images)``: each image is
-    resized on its own, repeated to two frames, and its rows are concatenated in order.
+    Each image is resized on its own, repeated to two frames, and its rows are concatenated in
+    order. ``resample="pil"`` equals the slow ``Qwen2VLImageProcessor`` (and qwen-vl-utils' PIL
+    resize); ``"torchvision"`` equals ``Qwen2VLImageProcessorFast`` on CPU, which transformers 4.57's
+    ``AutoImageProcessor`` picks for Qwen2-VL checkpoints whenever torchvision is installed.
     """
     rows, grids = [], []
     for image in images:
         h, w = smart_resize(*np.shape(image)[:2], min_pixels=min_pixels, max_pixels=max_pixels)
-        r, grid = patchify(normalize(resize_pil(image, h, w))[None])
+        r, grid = patchify(_resize_and_normalize(np.asarray(image)[None], h, w, resample))
         rows.append(r)
         grids.append(grid)
     return np.concatenate(rows), np.array(grids, np.int64).reshape(-1, 3)
@@ -286,11 +297,5 @@ def preprocess_video(
     if frames.ndim != 4:
         raise ValueError(f"expected frames [T, H, W, 3], got {frames.shape}")
     h, w = smart_resize(*frames.shape[1:3], min_pixels=min_pixels, max_pixels=max_pixels)
-    if resample == "torchvision":
-        pixels = normalize(resize_torchvision(frames, h, w), fused=True)
-    elif resample == "pil":
-        pixels = normalize(resize_pil(frames, h, w))
-    else:
-        raise ValueError(f"unknown resample {resample!r}")
-    rows, grid = patchify(pixels)
+    rows, grid = patchify(_resize_and_normalize(frames, h, w, resample))
     return rows, np.array([grid], np.int64), TEMPORAL_PATCH_SIZE / fps

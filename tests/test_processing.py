@@ -1,7 +1,7 @@
 """nsa_jax.processing against transformers 4.57's Qwen2.5-VL processors and hand-worked cases.
 
-The video processor of transformers imports torchvision, which the test environment may lack.
-Then a stand-in for the three torchvision functions it calls on CPU is installed: ``resize``
+transformers' torchvision-based processors (``Qwen2VLVideoProcessor``, ``Qwen2VLImageProcessorFast``)
+import torchvision, which the test environment may lack. Then a stand-in for the three torchvision functions it calls on CPU is installed: ``resize``
 (uint8 bicubic -> torch's native uint8 antialiased kernel, as ``torchvision.transforms.v2.functional
 .resize_image`` does on CPU), ``normalize`` (``sub(mean).div_(std)``) and ``grayscale_to_rgb``;
 everything else (sampling, smart_resize, fused normalization constants, padding, patch order) is
@@ -71,12 +71,22 @@ def _torchvision_stub() -> dict[str, types.ModuleType]:
             "torchvision.transforms.v2.functional": functional}
 
 
+TORCHVISION_MODULES = {"video": "transformers.models.qwen2_vl.video_processing_qwen2_vl",
+                       "image": "transformers.models.qwen2_vl.image_processing_qwen2_vl_fast"}
+
+
+def _torchvision_classes() -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        video=importlib.import_module(TORCHVISION_MODULES["video"]).Qwen2VLVideoProcessor,
+        image_fast=importlib.import_module(TORCHVISION_MODULES["image"]).Qwen2VLImageProcessorFast,
+    )
+
+
 @pytest.fixture(scope="module")
-def video_processor_cls():
-    """transformers' Qwen2VLVideoProcessor, with the torchvision stand-in when torchvision is absent."""
-    name = "transformers.models.qwen2_vl.video_processing_qwen2_vl"
+def tv_processors():
+    """transformers' torchvision-based processors (with the torchvision stand-in when it is absent)."""
     if importlib.util.find_spec("torchvision") is not None:
-        yield importlib.import_module(name).Qwen2VLVideoProcessor
+        yield _torchvision_classes()
         return
     import transformers
     import transformers.image_processing_utils_fast as fast
@@ -93,9 +103,11 @@ def video_processor_cls():
         mp.setattr(fast, "pil_torch_interpolation_mapping",
                    {PILImageResampling.BICUBIC: functional.InterpolationMode.BICUBIC})
         mp.setattr(transformers, "BaseVideoProcessor", video_utils.BaseVideoProcessor)  # else a dummy class
-        mp.delitem(sys.modules, name, raising=False)
-        yield importlib.import_module(name).Qwen2VLVideoProcessor
-        sys.modules.pop(name, None)
+        for name in TORCHVISION_MODULES.values():
+            mp.delitem(sys.modules, name, raising=False)
+        yield _torchvision_classes()
+        for name in TORCHVISION_MODULES.values():
+            sys.modules.pop(name, None)
 
 
 # --- smart_resize ---------------------------------------------------------------------------------
@@ -149,7 +161,7 @@ def test_sample_frame_indices_hand_worked():
         processing.sample_frame_indices(1, 30.0)
 
 
-def test_sample_frame_indices_match_torch_and_transformers(video_processor_cls):
+def test_sample_frame_indices_match_torch_and_transformers(tv_processors):
     # exact rounding of linspace equals torch's float32 linspace here; for thousands of frames float32
     # can move a value across .5 (see the docstring)
     for total in range(2, 400, 13):
@@ -157,7 +169,7 @@ def test_sample_frame_indices_match_torch_and_transformers(video_processor_cls):
             idx, _ = processing.sample_frame_indices(total, 1.0, fps=n / total, min_frames=2, max_frames=10**6)
             expected = torch.linspace(0, total - 1, len(idx)).round().long().numpy()
             np.testing.assert_array_equal(idx, expected, err_msg=f"{total=} {n=}")
-    vp = video_processor_cls()
+    vp = tv_processors.video()
     for total, video_fps, fps in [(100, 25.0, 2.0), (17, 17.0, 14.0), (301, 29.97, 4.0), (9, 30.0, 2.0), (5000, 30.0, 2.0)]:
         idx, _ = processing.sample_frame_indices(total, video_fps, fps, rule="transformers")
         expected = vp.sample_frames(VideoMetadata(total_num_frames=total, fps=video_fps), fps=fps)
@@ -212,13 +224,18 @@ IMAGE_CASES = [
 
 
 @pytest.mark.parametrize("sizes, pixels", IMAGE_CASES)
-def test_preprocess_images_equal_transformers(sizes, pixels):
+def test_preprocess_images_equal_transformers(sizes, pixels, tv_processors):
     images = [_uint8(h, w, 3) for h, w in sizes]
     values, grid = processing.preprocess_images(images, **pixels)
     ref = Qwen2VLImageProcessor(**pixels)(images=images, return_tensors="np")
     np.testing.assert_array_equal(grid, ref["image_grid_thw"])
     assert values.dtype == np.float32
     np.testing.assert_array_equal(values, ref["pixel_values"])  # bit-identical
+    values, grid = processing.preprocess_images(images, **pixels, resample="torchvision")
+    ref = tv_processors.image_fast(**{"min_pixels": processing.IMAGE_MIN_PIXELS,
+                                      "max_pixels": processing.IMAGE_MAX_PIXELS, **pixels})(images, return_tensors="pt")
+    np.testing.assert_array_equal(grid, ref["image_grid_thw"].numpy())
+    np.testing.assert_array_equal(values, ref["pixel_values"].numpy())
 
 
 VIDEO_CASES = [
@@ -233,19 +250,19 @@ def _video_pixels(pixels: dict) -> dict:
     return {"min_pixels": processing.VIDEO_MIN_PIXELS, "max_pixels": processing.VIDEO_MAX_PIXELS, **pixels}
 
 
-def test_video_pixel_defaults_are_transformers(video_processor_cls):
-    assert (video_processor_cls.min_pixels, video_processor_cls.max_pixels) == (
+def test_video_pixel_defaults_are_transformers(tv_processors):
+    assert (tv_processors.video.min_pixels, tv_processors.video.max_pixels) == (
         processing.VIDEO_MIN_PIXELS, processing.VIDEO_MAX_PIXELS)
     assert (Qwen2VLImageProcessor().min_pixels, Qwen2VLImageProcessor().max_pixels) == (
         processing.IMAGE_MIN_PIXELS, processing.IMAGE_MAX_PIXELS)
 
 
 @pytest.mark.parametrize("shape, pixels", VIDEO_CASES)
-def test_preprocess_video_equals_video_processor(shape, pixels, video_processor_cls):
+def test_preprocess_video_equals_video_processor(shape, pixels, tv_processors):
     frames = _uint8(*shape, 3)
     values, grid, second_per_grid = processing.preprocess_video(frames, fps=4.0, **pixels)
     # explicit pixels: Qwen2VLVideoProcessor(min_pixels=...) writes into its class-level `size` dict
-    ref = video_processor_cls(**_video_pixels(pixels))(videos=[frames], return_tensors="pt")
+    ref = tv_processors.video(**_video_pixels(pixels))(videos=[frames], return_tensors="pt")
     np.testing.assert_array_equal(grid, ref["video_grid_thw"].numpy())
     np.testing.assert_array_equal(values, ref["pixel_values_videos"].numpy())  # bit-identical
     assert grid[0, 0] == (shape[0] + 1) // 2 and second_per_grid == 0.5
@@ -293,13 +310,13 @@ def _tokenizer_dir(tmp_path) -> str:
     return str(tmp_path)
 
 
-def test_full_processor_equals_transformers(tmp_path, video_processor_cls):
+def test_full_processor_equals_transformers(tmp_path, tv_processors):
     path = _tokenizer_dir(tmp_path)
     hf = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(max_pixels=28 * 28 * 20),
         tokenizer=Qwen2TokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"), unk_token=None,
                                      bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-        video_processor=video_processor_cls(**_video_pixels({"max_pixels": 28 * 28 * 12})),
+        video_processor=tv_processors.video(**_video_pixels({"max_pixels": 28 * 28 * 12})),
         chat_template=QWEN_TEMPLATE,
     )
     messages = [
