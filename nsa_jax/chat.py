@@ -82,7 +82,7 @@ def vision_pad_repeats(
     ids = np.asarray(ids, np.int64)
     repeats = np.ones(len(ids), np.int64)
     for token, grid in ((IMAGE_PAD, image_grid_thw), (VIDEO_PAD, video_grid_thw)):
-        where = np.flatnonzero(ids == special_ids[token])
+        where = np.flatnonzero(ids == special_ids.get(token, -1))
         per_item = vision_tokens_per_item(grid, merge_size)
         if len(where) != len(per_item):
             raise ValueError(f"{len(where)} {token} tokens but {len(per_item)} grids")

@@ -34,7 +34,7 @@ class Tokenizer(Protocol):
     """What the chat template, data pipeline and demo need from a tokenizer."""
 
     vocab_size: int
-    special_ids: Mapping[str, int]  # every token of SPECIAL_TOKENS -> id
+    special_ids: Mapping[str, int]  # the tokens of SPECIAL_TOKENS it has -> id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings become their ids; no BOS/EOS is added."""
@@ -46,17 +46,19 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` read from a Hugging Face ``tokenizer.json``."""
+    """A ``tokenizers.Tokenizer`` read from a Hugging Face ``tokenizer.json``.
+
+    ``special_ids`` holds those of ``SPECIAL_TOKENS`` the vocabulary has (Qwen2, Qwen2.5 and
+    Qwen2.5-VL tokenizers have all of them).
+    """
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
 
         self._tok = _Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"{path} lacks the special tokens {missing}")
-        self.special_ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.special_ids = {t: i for t, i in ids.items() if i is not None}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

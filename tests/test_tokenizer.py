@@ -38,9 +38,8 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A tiny Qwen-style byte-level BPE tokenizer.json with the Qwen special tokens."""
+def _save_tokenizer(path, special_tokens=SPECIAL_TOKENS):
+    """A tiny Qwen-style byte-level BPE tokenizer.json."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -48,12 +47,16 @@ def tokenizer_dir(tmp_path_factory):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["What happens in the video? A cat jumps and it lands.\n\n", "assistant\nuser\n"] * 5, trainer)
-    path = tmp_path_factory.mktemp("tok")
     tok.save(str(path / "tokenizer.json"))
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return _save_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_byte_tokenizer_round_trip():
@@ -91,6 +94,16 @@ def test_hf_tokenizer_equals_transformers(tokenizer_dir):
         assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tokenizer_dir / "missing")
+
+
+def test_text_only_tokenizer(tmp_path):
+    """A tokenizer without the vision tokens still renders and masks text chats."""
+    tok = load_tokenizer(_save_tokenizer(tmp_path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    assert set(tok.special_ids) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+    ids, mask = chat.encode_chat(tok, CONVERSATIONS[1])
+    assert tok.decode(ids[mask]) == "Hello.<|im_end|>"
+    with pytest.raises(ValueError, match="grids"):
+        chat.encode_chat(tok, CONVERSATIONS[1], image_grid_thw=[[1, 2, 2]])
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
