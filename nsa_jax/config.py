@@ -252,7 +252,7 @@ class ModelConfig:
 def tiny_config(*, tie_word_embeddings: bool = False, mrope_section: Sequence[int] = (2, 3, 3),
                 fullatt_block_indexes: Sequence[int] = (1,), window_size: int = 56, vision_depth: int = 2,
                 num_layers: int = 2, nsa: NSAConfig = NSAConfig(), vocab_size: int = 512) -> ModelConfig:
-    """A tiny random-init model for tests and the CPU demo (token ids fit the small vocab)."""
+    """A tiny random-init model for tests and the CPU demo, whose token ids fit `ByteTokenizer()`."""
     return ModelConfig(
         text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                         num_attention_heads=4, num_key_value_heads=2, mrope_section=tuple(mrope_section),
@@ -260,6 +260,6 @@ def tiny_config(*, tie_word_embeddings: bool = False, mrope_section: Sequence[in
         vision=VisionConfig(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
                             window_size=window_size, out_hidden_size=64,
                             fullatt_block_indexes=tuple(fullatt_block_indexes)),
-        nsa=nsa, image_token_id=vocab_size - 2, video_token_id=vocab_size - 1,
-        vision_start_token_id=vocab_size - 4, vision_end_token_id=vocab_size - 3,
+        # The special ids of `nsa_jax.tokenizer.ByteTokenizer()`'s default layout (text bytes are 0..255).
+        nsa=nsa, vision_start_token_id=259, vision_end_token_id=260, image_token_id=261, video_token_id=262,
     ).validate()

@@ -29,7 +29,7 @@ def pair(request, tmp_path_factory):
 
 
 def _text(rng, n):
-    return list(rng.integers(0, 400, n))
+    return list(rng.integers(0, 256, n))
 
 
 def _span(cfg, token, grid):

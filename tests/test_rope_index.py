@@ -49,8 +49,8 @@ def test_matches_transformers_457_on_padded_mixed_batch():
     rng = np.random.default_rng(0)
     img, vid = [c.vision_start_token_id] + [c.image_token_id] * 6 + [c.vision_end_token_id], \
         [c.vision_start_token_id] + [c.video_token_id] * 12 + [c.vision_end_token_id]
-    rows = [list(rng.integers(0, 400, 3)) + img + [5, 6] + vid + [9],
-            list(rng.integers(0, 400, 2)) + vid + [4] + img + [3, 2, 1, 0]]
+    rows = [list(rng.integers(0, 256, 3)) + img + [5, 6] + vid + [9],
+            list(rng.integers(0, 256, 2)) + vid + [4] + img + [3, 2, 1, 0]]
     n = max(map(len, rows))
     ids = np.zeros((2, n), np.int64)
     mask = np.zeros((2, n), np.int64)

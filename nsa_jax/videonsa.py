@@ -1,0 +1,97 @@
+"""The VideoNSA hybrid attention layer: vision tokens through NSA, text tokens through dense attention.
+
+Two modes (SPEC §2, §3):
+- "videonsa": the released model exactly. Vision rows are those whose three mRoPE ids are not all equal;
+  NSA runs over the whole sequence with text rows of q, k, v zeroed (they still take softmax mass), the
+  released non-causal compression mask, the padded 64-head layout (as kernel parameters, never copies) and
+  fla's top-k tie order; the dense branch runs with vision rows of q zeroed; every row gets o_nsa + o_dense.
+- "native": routing by token id (image / video pad tokens are vision); each sample's vision tokens are
+  gathered in order into one contiguous sequence for NSA (causal compression, true GQA), text rows get dense
+  attention over everything before them; each row gets only its own branch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.attention import dense_attention
+from nsa_jax.config import ModelConfig
+from nsa_jax.language import DenseAttention, TokenContext
+from nsa_jax.layers import linear
+from pallas_kernels import nsa_attention
+
+
+def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
+    """[B, T] bool: rows whose three mRoPE ids are not all equal (the released model's routing)."""
+    t, h, w = position_ids[0], position_ids[1], position_ids[2]
+    return ~((t == h) & (t == w))
+
+
+class NSAAttention(DenseAttention):
+    """Qwen2.5-VL attention with the VideoNSA gates (`g_proj_1`, `g_proj_2`) and hybrid routing."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        super().__init__(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        hidden = cfg.text.hidden_size
+        self.nsa = cfg.nsa
+        self.g_proj_1 = linear(hidden, hidden, bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # Bias logit(0.5) = 0: gates start at 0.5 (the released initialisation).
+        self.g_proj_2 = linear(hidden, self.num_heads * 3, bias=True, rngs=rngs, dtype=dtype,
+                               param_dtype=param_dtype)
+
+    def gate_logits(self, x: jax.Array) -> jax.Array:
+        """Gate logits [B, T, H, 3] (cmp, slc, swa), already divided by the temperature."""
+        g = self.g_proj_2(jax.nn.gelu(self.g_proj_1(x), approximate=False))
+        return g.reshape(*x.shape[:2], self.num_heads, 3) / self.nsa.gate_temperature
+
+    def _nsa(self, q, k, v, gates, segment_ids, *, videonsa: bool) -> jax.Array:
+        n = self.nsa
+        return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=n.block_size,
+                             block_count=n.block_count, window_size=n.window_size, segment_ids=segment_ids,
+                             causal_compression=not videonsa, head_layout="videonsa" if videonsa else "gqa",
+                             tie_break="fla" if videonsa else "recent", impl=n.impl)
+
+    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        q, k, v = self.qkv(x, ctx)
+        if self.nsa.mode == "videonsa":
+            o = self._videonsa(x, q, k, v, ctx)
+        else:
+            o = self._native(x, q, k, v, ctx)
+        return self.o_proj(o.reshape(*x.shape[:2], -1).astype(x.dtype))
+
+    def _videonsa(self, x, q, k, v, ctx: TokenContext) -> jax.Array:
+        vision = mrope_vision_rows(ctx.position_ids)[..., None, None]  # [B, T, 1, 1]
+        gates = jax.nn.sigmoid(jnp.where(vision, self.gate_logits(x), 0.0))
+        zero = jnp.zeros((), q.dtype)
+        o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
+                          gates, nsa_segments(ctx.segment_ids), videonsa=True)
+        o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=ctx.segment_ids,
+                                  kv_valid=ctx.kv_valid, implementation=self.implementation)
+        return o_nsa + o_dense
+
+    def _native(self, x, q, k, v, ctx: TokenContext) -> jax.Array:
+        if ctx.segment_ids is not None:
+            raise NotImplementedError("nsa mode 'native' with packed samples (segment_ids) needs each sample's "
+                                      "vision run aligned to the NSA block size; pack one sample per row")
+        vision = ctx.vision_mask  # [B, T]
+        gates = jax.nn.sigmoid(self.gate_logits(x))
+        # Vision tokens first, in order: NSA runs over them as one contiguous sequence. The text rows moved
+        # behind them are never visible to a vision query (causality), so no segment ids are needed.
+        order = jnp.argsort(~vision, axis=1, stable=True)
+        inverse = jnp.argsort(order, axis=1)
+        take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), None,
+                          videonsa=False)
+        o_nsa = take(o_nsa, inverse)
+        o_dense = dense_attention(q, k, v, causal=True, kv_valid=ctx.kv_valid, implementation=self.implementation)
+        return jnp.where(vision[..., None, None], o_nsa, o_dense)
+
+
+def nsa_segments(segment_ids: jax.Array | None) -> jax.Array | None:
+    """Segment ids for the NSA branch: trailing padding (id 0) joins the sample before it.
+
+    Padding never precedes a token of its row, so causality keeps it out of every real query's keys.
+    """
+    return None if segment_ids is None else jax.lax.cummax(segment_ids, axis=1)

@@ -1,0 +1,182 @@
+"""The VideoNSA layer: mode `videonsa` against a plain torch oracle of the released model, mode `native`
+against the jnp NSA oracle, VideoNSA checkpoints both ways, gradients reaching the gates."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_reference import hf_model
+from nsa_jax import NSAConfig, from_pretrained, get_rope_index, init_model, save_hf, tiny_config
+from nsa_jax.conversion import iter_hf_tensors
+from nsa_jax.language import TokenContext
+from nsa_jax.rope import mrope_cos_sin
+from pallas_kernels import nsa_attention
+from videonsa_torch_reference import videonsa_layer
+
+NSA = dict(block_size=4, block_count=2, window_size=8, gate_temperature=0.3)
+
+
+def _tokens(cfg, rng, grid=(4, 4, 6), text=(5, 7)):
+    t, h, w = grid
+    span = [cfg.vision_start_token_id] + [cfg.video_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
+    return np.array([list(rng.integers(0, 256, text[0])) + span + list(rng.integers(0, 256, text[1]))])
+
+
+def _videonsa_checkpoint(path, seed: int = 0):
+    """A tiny HF model with VideoNSA gates, patched so its forward is the torch oracle; saved to `path`."""
+    cfg = tiny_config(num_layers=2)
+    hf = hf_model(cfg, seed=seed)
+    state = {}
+    torch.manual_seed(seed + 1)
+    for layer in hf.model.language_model.layers:
+        attn = layer.self_attn
+        hidden = cfg.text.hidden_size
+        attn.g_proj_1 = torch.nn.Linear(hidden, hidden)
+        attn.g_proj_2 = torch.nn.Linear(hidden, cfg.text.num_attention_heads * 3)
+        for p in (*attn.g_proj_1.parameters(), *attn.g_proj_2.parameters()):
+            torch.nn.init.normal_(p, std=0.3)  # gates far from 0.5, so each branch's weight matters
+
+        def forward(self, hidden_states, position_embeddings=None, **kw):
+            return videonsa_layer(self, hidden_states, *position_embeddings, state["pos"], NSA), None
+
+        attn.forward = types.MethodType(forward, attn)
+    hf.save_pretrained(path)
+    with open(path / "config.json") as f:
+        d = json.load(f)
+    d.update(nsa_block_size=NSA["block_size"], nsa_block_count=NSA["block_count"],
+             nsa_window_size=NSA["window_size"])
+    (path / "config.json").write_text(json.dumps(d))
+    return hf, state, cfg
+
+
+@pytest.fixture(scope="module")
+def videonsa_pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("videonsa")
+    hf, state, cfg = _videonsa_checkpoint(path)
+    return hf, state, from_pretrained(str(path)), path
+
+
+def test_checkpoint_with_gates_loads_as_videonsa(videonsa_pair):
+    _, _, ours, _ = videonsa_pair
+    nsa = ours.config.nsa
+    assert (nsa.mode, nsa.block_size, nsa.block_count, nsa.window_size, nsa.gate_temperature) == \
+        ("videonsa", 4, 2, 8, 0.3)
+
+
+def test_videonsa_logits_match_torch_oracle(videonsa_pair):
+    hf, state, ours, _ = videonsa_pair
+    cfg = ours.config
+    rng = np.random.default_rng(0)
+    grid = np.array([[4, 4, 6]])
+    ids = _tokens(cfg, rng)
+    spg = np.array([2.0])
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=spg)
+    pixels = rng.standard_normal((int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
+    state["pos"] = torch.from_numpy(pos)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+                    pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.from_numpy(grid),
+                    second_per_grid_ts=torch.from_numpy(spg), use_cache=False).logits.numpy()
+    mine = np.asarray(ours(ids, pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=spg))
+    assert np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+
+
+def test_videonsa_layer_matches_torch_oracle(videonsa_pair):
+    """One layer on random hidden states, with vision rows whose ids happen to be equal routed as text."""
+    hf, _, ours, _ = videonsa_pair
+    cfg = ours.config
+    rng = np.random.default_rng(1)
+    ids = _tokens(cfg, rng, grid=(6, 4, 4), text=(3, 9))
+    # spg 0.5: int(0.5) = 0, every frame pair gets time id s, so the top-left token of each is "text".
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[6, 4, 4]], second_per_grid_ts=[0.5])
+    x = rng.standard_normal((1, ids.shape[1], cfg.text.hidden_size)).astype(np.float32)
+    attn_t = hf.model.language_model.layers[1].self_attn
+    cos_t, sin_t = hf.model.language_model.rotary_emb(torch.from_numpy(x), torch.from_numpy(pos))
+    with torch.no_grad():
+        theirs = videonsa_layer(attn_t, torch.from_numpy(x), cos_t, sin_t, torch.from_numpy(pos), NSA).numpy()
+    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id))
+    mine = np.asarray(ours.language_model.layers[1].self_attn(jnp.asarray(x), ctx))
+    np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_videonsa_checkpoint_round_trip_keeps_names_and_dtypes(videonsa_pair, tmp_path, layout):
+    _, _, _, src = videonsa_pair
+    model = from_pretrained(str(src))
+    save_hf(model, str(tmp_path / "a"), layout=layout, dtype=jnp.bfloat16)
+    a = dict(iter_hf_tensors(str(tmp_path / "a")))
+    assert any(".self_attn.g_proj_1.weight" in k for k in a) and any(".self_attn.g_proj_2.bias" in k for k in a)
+    assert all(v.dtype == jnp.bfloat16 for v in a.values())
+    reloaded = from_pretrained(str(tmp_path / "a"))  # stored dtypes kept
+    assert reloaded.config.nsa == model.config.nsa
+    save_hf(reloaded, str(tmp_path / "b"))
+    b = dict(iter_hf_tensors(str(tmp_path / "b")))
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    if layout == "nested":
+        assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in a)
+
+
+def _native_model(seed=0):
+    return init_model(tiny_config(nsa=NSAConfig(mode="native", block_size=4, block_count=2, window_size=6)),
+                      seed=seed)
+
+
+def test_native_layer_matches_gathered_oracle():
+    """Vision rows: NSA over the sample's vision tokens only (gathered); text rows: dense causal attention."""
+    model = _native_model()
+    cfg = model.config
+    rng = np.random.default_rng(2)
+    ids = np.concatenate([_tokens(cfg, rng, grid=(2, 4, 6), text=(4, 3)),
+                          _tokens(cfg, rng, grid=(2, 4, 6), text=(6, 1))], 0)
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[2, 4, 6]] * 2, second_per_grid_ts=[1.0, 1.0])
+    x = jnp.asarray(rng.standard_normal((2, ids.shape[1], cfg.text.hidden_size)), jnp.float32)
+    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+    vision = ids == cfg.video_token_id
+    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(vision))
+    attn = model.language_model.layers[0].self_attn
+    mine = np.asarray(attn(x, ctx))
+
+    q, k, v = attn.qkv(x, ctx)
+    gates = jax.nn.sigmoid(attn.gate_logits(x))
+    dense = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    expected = np.array(dense)
+    for b in range(2):
+        idx = np.flatnonzero(vision[b])
+        g = gates[b:b + 1][:, idx]
+        o = nsa_attention(q[b:b + 1, idx], k[b:b + 1, idx], v[b:b + 1, idx], g[..., 0], g[..., 1], g[..., 2],
+                          block_size=4, block_count=2, window_size=6, impl="reference")
+        expected[b, idx] = np.asarray(o[0])
+    expected = np.asarray(attn.o_proj(jnp.asarray(expected).reshape(*x.shape[:2], -1)))
+    np.testing.assert_allclose(mine, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["videonsa", "native"])
+def test_gradients_reach_the_gates(mode):
+    cfg = tiny_config(nsa=NSAConfig(mode=mode, block_size=4, block_count=2, window_size=6))
+    model = init_model(cfg, seed=3)
+    rng = np.random.default_rng(3)
+    ids = _tokens(cfg, rng, grid=(2, 4, 4), text=(3, 3))
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[2, 4, 4]], second_per_grid_ts=[2.0])
+
+    def loss(m):
+        return jnp.mean(m.forward(jnp.asarray(ids), jnp.asarray(pos)) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    gate_grads = {".".join(map(str, path)): np.asarray(g[...]) for path, g in nnx.to_flat_state(grads)
+                  if any(str(p).startswith("g_proj") for p in path)}
+    assert len(gate_grads) == 4 * cfg.text.num_hidden_layers  # kernel + bias of both gate layers
+    for name, g in gate_grads.items():
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, (mode, name)

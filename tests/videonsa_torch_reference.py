@@ -1,0 +1,165 @@
+"""A plain torch implementation of the released VideoNSA attention (SPEC §2), the oracle of mode `videonsa`.
+
+Written from the SPEC and the released code's behaviour with loops, independently of `pallas_kernels`:
+64-head padding done literally (heads [0..HQ-1, 0..HQ-1, zeros]), the non-causal compression mask, and fla's
+bitonic top-k network simulated step by step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------ fla's bitonic top-k (lmms-eval copy)
+
+
+def _compare_and_swap(x: np.ndarray, ids: np.ndarray, flip: np.ndarray, i: int, n_dims: int):
+    n = x.shape[0]
+    stride = 2 ** (n_dims - i - 1)
+    x, ids = x.copy(), ids.copy()
+    for a in range(n):
+        if (a // stride) % 2:
+            continue  # handle each pair once, from its left element
+        b = a + stride
+        left, right = x[a], x[b]
+        if (left > right) != bool(flip[a]):
+            x[a], x[b] = x[b], x[a]
+            ids[a], ids[b] = ids[b], ids[a]
+    return x, ids
+
+
+def _bitonic_merge(x, ids, stage: int, order, n_dims: int):
+    n = x.shape[0]
+    if order == 2:
+        flip = (np.arange(n) // (2**stage)) % 2
+    else:
+        flip = np.full(n, int(bool(order)))
+    for i in range(stage):
+        x, ids = _compare_and_swap(x, ids, flip, i + (n_dims - stage), n_dims)
+    return x, ids
+
+
+def fla_topk(scores: np.ndarray, current: int, chunk: int, count: int) -> list[int]:
+    """Block indices fla's `parallel_nsa_kernel_topk` keeps for one query and KV head.
+
+    scores: importance of blocks 0..current (index `current` is the query's own block); chunk: blocks sorted
+    per bitonic pass (BC = block size); count: S = next power of two of the block count. Returns the kept
+    block indices (the -1 entries dropped), in the network's output order.
+    """
+    n_dims = int(math.log2(chunk))
+    half = np.arange(chunk) < chunk // 2
+    b_i = np.full(chunk, -1.0, np.float32)
+    o_i = np.zeros(chunk, np.int64)
+    for start in range(0, current + 1, chunk):
+        o_c = start + np.arange(chunk)
+        new_b = np.array([scores[c] if c <= current else 0.0 for c in o_c], np.float32)
+        new_o = np.where(o_c <= current, o_c + 1, 0)
+        b_ip, o_ip = b_i, o_i
+        b_i, o_i = new_b, new_o
+        for i in range(1, n_dims):
+            b_i, o_i = _bitonic_merge(b_i, o_i, i, 2, n_dims)
+        if start != 0:
+            b_i, o_i = _bitonic_merge(b_i, o_i, n_dims, False, n_dims)
+            b_i = np.where(half, b_ip, b_i).astype(np.float32)
+            o_i = np.where(half, o_ip, o_i)
+            b_i, o_i = _bitonic_merge(b_i, o_i, n_dims, True, n_dims)
+        else:
+            b_i, o_i = _bitonic_merge(b_i, o_i, n_dims, True, n_dims)
+    return [int(o) - 1 for o in o_i[:count] if o > 0]
+
+
+# ------------------------------------------------------------------ the NSA branch, 64-head layout
+
+
+def padded_heads(hq: int, hkv: int) -> int:
+    """Padded head count: HKV * next power of two of ceil(2*HQ / HKV) (64 for 28 / 4)."""
+    per = -(-2 * hq // hkv)
+    return hkv * (1 << (per - 1).bit_length())
+
+
+def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: int, window: int):
+    """Released NSA over q [B,T,HQ,D], k, v [B,T,HKV,D], gates [B,T,HQ] (float64 math) -> [B,T,HQ,D]."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    p = padded_heads(hq, hkv)
+    gp = p // hkv
+    pad = lambda x: torch.cat([x, x, torch.zeros(*x.shape[:2], p - 2 * hq, *x.shape[3:], dtype=x.dtype)], 2)
+    qp, gates = pad(q), [pad(g.double()) for g in (g_cmp, g_slc, g_swa)]
+    scale = d**-0.5
+    nb = -(-t // block_size)
+    kc = torch.stack([k[:, j * block_size:(j + 1) * block_size].mean(1) for j in range(nb)], 1)  # [B,NB,HKV,D]
+    vc = torch.stack([v[:, j * block_size:(j + 1) * block_size].mean(1) for j in range(nb)], 1)
+    count = 1 << (block_count - 1).bit_length()
+    out = torch.zeros(b, t, p, d, dtype=torch.float64)
+    for bi in range(b):
+        for i in range(t):
+            cur = i // block_size
+            lse = torch.zeros(p, dtype=torch.float64)
+            o_cmp = torch.zeros(p, d, dtype=torch.float64)
+            for h in range(p):
+                kv = h // gp
+                visible = [j for j in range(nb) if i <= (j + 1) * block_size - 1]  # released, not causal
+                s = scale * kc[bi, visible, kv] @ qp[bi, i, h]
+                lse[h] = torch.logsumexp(s, 0)
+                o_cmp[h] = torch.softmax(s, 0) @ vc[bi, visible, kv]
+            for kv in range(hkv):
+                heads = range(kv * gp, (kv + 1) * gp)
+                scores = np.zeros(cur + 1, np.float32)
+                for h in heads:
+                    for j in range(cur):
+                        scores[j] += float(torch.exp(scale * kc[bi, j, kv] @ qp[bi, i, h] - lse[h]))
+                    scores[cur] += 1.0
+                chosen = fla_topk(scores, cur, block_size, count)
+                keys = sorted(x for j in chosen for x in range(j * block_size, min((j + 1) * block_size, t))
+                              if x <= i)
+                win = list(range(max(0, i - window + 1), i + 1))
+                for h in heads:
+                    o_slc = torch.softmax(scale * k[bi, keys, kv] @ qp[bi, i, h], 0) @ v[bi, keys, kv]
+                    o_swa = torch.softmax(scale * k[bi, win, kv] @ qp[bi, i, h], 0) @ v[bi, win, kv]
+                    out[bi, i, h] = (gates[0][bi, i, h] * o_cmp[h] + gates[1][bi, i, h] * o_slc
+                                     + gates[2][bi, i, h] * o_swa)
+    return ((out[:, :, :hq] + out[:, :, hq:2 * hq]) / 2)
+
+
+# ------------------------------------------------------------------ the hybrid layer on an HF attention module
+
+
+def rotary(x, cos, sin, mrope_section):
+    """transformers' multimodal rotary on x [B,H,T,D] with cos/sin [3,B,T,D]."""
+    sec = list(mrope_section) * 2
+    cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(sec, -1))], -1).unsqueeze(1)
+    sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(sec, -1))], -1).unsqueeze(1)
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict):
+    """The released `Qwen2_5_VLMixNSA` forward on an HF attention module with `g_proj_1`/`g_proj_2` added."""
+    b, t, _ = hidden.shape
+    hq, hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    d = attn.head_dim
+    q = attn.q_proj(hidden).view(b, t, hq, d).transpose(1, 2)
+    k = attn.k_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
+    v = attn.v_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
+    q, k = rotary(q, cos, sin, attn.rope_scaling["mrope_section"]), rotary(k, cos, sin,
+                                                                           attn.rope_scaling["mrope_section"])
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
+    vision = ~((position_ids[0] == position_ids[1]) & (position_ids[0] == position_ids[2]))  # [B, T]
+    gates = attn.g_proj_2(F.gelu(attn.g_proj_1(hidden))).view(b, t, hq, 3) / nsa["gate_temperature"]
+    gates = torch.where(vision[..., None, None], gates, torch.zeros_like(gates)).sigmoid()
+    vm = vision[..., None, None]
+    o_nsa = nsa_videonsa(torch.where(vm, q, 0), torch.where(vm, k, 0), torch.where(vm, v, 0),
+                         gates[..., 0], gates[..., 1], gates[..., 2], block_size=nsa["block_size"],
+                         block_count=nsa["block_count"], window=nsa["window_size"]).to(q.dtype)
+    # Dense branch: vision rows of q zeroed, causal GQA over all keys.
+    qt = torch.where(vm, torch.zeros_like(q), q).transpose(1, 2)
+    kk = k.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+    vv = v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+    o_dense = F.scaled_dot_product_attention(qt, kk, vv, is_causal=True).transpose(1, 2)
+    return attn.o_proj((o_nsa + o_dense).reshape(b, t, hq * d))
