@@ -28,6 +28,7 @@ from nsa_jax.model import Qwen25VL, VisionInput, scatter_vision
 from nsa_jax.rope import get_rope_index, mrope_cos_sin
 
 Method = Literal["auto", "cache", "recompute"]
+BUCKET = 64  # prompt and KV-cache lengths are rounded up to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,9 @@ def _last_logits(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array,
 
 @functools.partial(nnx.jit, static_argnames=("cache_len",))
 def _prefill(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array, features: dict[str, jax.Array],
-             cache_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Last-token logits [vocab] and K/V caches [layers, 1, cache_len, KV heads, D] of the prompt."""
+             length: jax.Array, cache_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Logits [vocab] of token `length - 1` and K/V caches [layers, 1, cache_len, KV heads, D] of a prompt whose
+    tokens from `length` on are padding (causal layers: they change nothing before them)."""
     ctx = _context(model, input_ids, position_ids)
     x = _embed(model, input_ids, features)
     t = input_ids.shape[1]
@@ -106,8 +108,8 @@ def _prefill(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array, fea
         vs.append(jnp.pad(v, pad))
         x = x + layer.self_attn(xn, ctx)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    h = model.language_model.norm(x)
-    return model.logits(h[:, -1])[0], jnp.stack(ks), jnp.stack(vs)
+    h = model.language_model.norm(jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False))
+    return model.logits(h)[0], jnp.stack(ks), jnp.stack(vs)
 
 
 @nnx.jit
@@ -176,7 +178,13 @@ def greedy_generate(model: Qwen25VL, input_ids: Sequence[int] | np.ndarray, visi
     t = ids.shape[1]
     pos = jnp.asarray(position_ids, jnp.int32)
     if resolve_method(model, method) == "cache":
-        logits, k_cache, v_cache = _prefill(model, jnp.asarray(ids), pos, features, cache_len=t + max_new_tokens)
+        # Prompt and cache padded to multiples of BUCKET, so prompts of similar length share compiled steps.
+        padded = -(-t // BUCKET) * BUCKET
+        cache_len = -(-(padded + max_new_tokens) // BUCKET) * BUCKET
+        pad_ids = np.pad(ids, ((0, 0), (0, padded - t)))
+        pad_pos = jnp.pad(pos, ((0, 0), (0, 0), (0, padded - t)), mode="edge")
+        logits, k_cache, v_cache = _prefill(model, jnp.asarray(pad_ids), pad_pos, features, jnp.int32(t),
+                                            cache_len=cache_len)
         for step in range(max_new_tokens):
             token = int(jnp.argmax(logits))
             out.append(token)
