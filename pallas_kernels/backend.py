@@ -1,0 +1,46 @@
+"""Where Pallas kernels run: Triton on GPU, Mosaic on TPU, interpret mode on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+
+_INTERPRET = contextvars.ContextVar("nsa_pallas_interpret", default=None)
+
+
+@contextlib.contextmanager
+def interpret_with(params):
+    """Runs kernels traced inside in interpret mode with `params` (True, or e.g. `pltpu.InterpretParams()`
+    to emulate the TPU / Mosaic semantics on CPU)."""
+    token = _INTERPRET.set(params)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def call_options(num_warps: int = 4, num_stages: int = 2) -> dict:
+    """Keyword arguments of `pl.pallas_call` for the default backend."""
+    forced = _INTERPRET.get()
+    if forced is not None:
+        return dict(interpret=forced)
+    p = jax.default_backend()
+    if p in ("gpu", "cuda", "rocm"):
+        from jax.experimental.pallas import triton as plgpu
+        return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+    if p == "tpu":
+        return {}
+    return dict(interpret=True)
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """2-D matrix product with float32 accumulation, lowering on Triton, Mosaic and interpret mode."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)

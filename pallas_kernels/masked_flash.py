@@ -1,0 +1,244 @@
+"""Flash attention with NSA's structured masks: the compression branch (keys = block means) and the sliding
+window branch (keys = tokens). Forward, dq and dk/dv Pallas kernels under one `jax.custom_vjp`.
+
+Rows are *virtual heads* v (`layout.py`): query head v % HQ reading KV head v // Gv, so mode "videonsa" runs
+its two copies of each head without a padded tensor. Shapes inside: q [B, Tp, HQ, D], keys [B, N, HKV, D],
+segment bounds lo / hi [B, Tp] (a token sees positions lo <= j < hi), outputs o [B, Tp, Hv, D] and natural-log
+lse [B, Hv, Tp] (-inf for a row that sees nothing; its o is 0). Tp is a multiple of the query tile, N of the
+key tile (the caller pads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backend import call_options, ceil_div, dot
+
+MASK_KINDS = ("cmp_causal", "cmp_full", "window")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedFlashConfig:
+    """kind: "cmp_causal" (block j ends at or before i), "cmp_full" (i <= last position of block j) or
+    "window" (i - window < j <= i). block_size: positions per compressed key. Heads: see module doc."""
+
+    kind: str
+    num_q_heads: int
+    virtual_heads: int
+    group_size: int
+    scale: float
+    block_size: int = 1
+    window: int = 0
+    block_q: int = 64
+    block_k: int = 64
+
+
+def _mask(cfg: MaskedFlashConfig, rows, cols, lo, hi):
+    """rows [BQ, 1] query positions, cols [1, BK] key indices, lo / hi [BQ, 1] segment bounds."""
+    if cfg.kind == "window":
+        return (cols <= rows) & (cols > rows - cfg.window) & (cols >= lo)
+    start = cols * cfg.block_size
+    end = start + cfg.block_size - 1
+    if cfg.kind == "cmp_causal":
+        return (end <= rows) & (start >= lo)
+    return (rows <= end) & (start < hi) & (start >= lo)
+
+
+def _key_tiles(cfg: MaskedFlashConfig, q0, lo_first, hi_last, num_k_tiles: int):
+    """Key tiles [first, last) that can hold a visible key for the query rows q0 .. q0 + BQ - 1."""
+    bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
+    if cfg.kind == "window":
+        first = jnp.maximum(q0 - cfg.window + 1, lo_first) // bk
+        last = ceil_div(q0 + bq, bk)
+    elif cfg.kind == "cmp_causal":
+        first = (lo_first // bs) // bk
+        last = ceil_div((q0 + bq) // bs, bk)
+    else:
+        first = (q0 // bs) // bk
+        last = ceil_div(ceil_div(hi_last, bs), bk)
+    return jnp.maximum(first, 0), jnp.minimum(last, num_k_tiles)
+
+
+def _query_tiles(cfg: MaskedFlashConfig, k0, num_q_tiles: int):
+    """Query tiles [first, last) that can see a key of the tile starting at key index k0."""
+    bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
+    if cfg.kind == "window":
+        first, last = k0 // bq, ceil_div(k0 + bk + cfg.window - 1, bq)
+    elif cfg.kind == "cmp_causal":
+        first, last = ((k0 + 1) * bs - 1) // bq, num_q_tiles
+    else:
+        first, last = 0, ceil_div((k0 + bk) * bs, bq)
+    return first, jnp.minimum(last, num_q_tiles)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg: MaskedFlashConfig, nk: int):
+    bq, bk = cfg.block_q, cfg.block_k
+    q0 = pl.program_id(2) * bq
+    q = q_ref[...]
+    rows = q0 + jnp.arange(bq)[:, None]
+    lo, hi = lo_ref[...][:, None], hi_ref[...][:, None]
+    first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
+
+    def body(t, carry):
+        acc, m, l = carry
+        k = k_ref[pl.ds(t * bk, bk), :]
+        v = v_ref[pl.ds(t * bk, bk), :]
+        s = dot(q, k, trans_b=True) * cfg.scale
+        s = jnp.where(_mask(cfg, rows, t * bk + jnp.arange(bk)[None, :], lo, hi), s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        corr = jnp.exp(m - m_safe)
+        return (acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1))
+
+    d = q.shape[-1]
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(first, last, body, init)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _probs(cfg, q, k, rows, cols, lo, hi, lse):
+    finite = jnp.isfinite(lse)[:, None]
+    s = dot(q, k, trans_b=True) * cfg.scale
+    mask = _mask(cfg, rows, cols, lo, hi) & finite
+    return jnp.where(mask, jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               cfg: MaskedFlashConfig, nk: int):
+    bq, bk = cfg.block_q, cfg.block_k
+    q0 = pl.program_id(2) * bq
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    rows = q0 + jnp.arange(bq)[:, None]
+    lo, hi = lo_ref[...][:, None], hi_ref[...][:, None]
+    first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
+
+    def body(t, dq):
+        k = k_ref[pl.ds(t * bk, bk), :]
+        v = v_ref[pl.ds(t * bk, bk), :]
+        p = _probs(cfg, q, k, rows, t * bk + jnp.arange(bk)[None, :], lo, hi, lse)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(first, last, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                cfg: MaskedFlashConfig, nq: int):
+    bq, bk = cfg.block_q, cfg.block_k
+    kv, k0 = pl.program_id(1), pl.program_id(2) * bk
+    k, v = k_ref[...], v_ref[...]
+    cols = k0 + jnp.arange(bk)[None, :]
+    first_q, last_q = _query_tiles(cfg, k0, nq)
+    first_v = kv * cfg.group_size
+    last_v = jnp.minimum(first_v + cfg.group_size, cfg.virtual_heads)
+
+    def head_body(vr, carry):
+        h = vr % cfg.num_q_heads
+
+        def q_body(t, carry):
+            dk, dv = carry
+            sl = pl.ds(t * bq, bq)
+            q, do = q_ref[sl, h, :], do_ref[sl, vr, :]
+            lse, delta = lse_ref[vr, sl], delta_ref[vr, sl]
+            rows = t * bq + jnp.arange(bq)[:, None]
+            p = _probs(cfg, q, k, rows, cols, lo_ref[sl][:, None], hi_ref[sl][:, None], lse)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+            return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+        return jax.lax.fori_loop(first_q, last_q, q_body, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(first_v, last_v, head_body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi):
+    b, tp, hq, d = q.shape
+    n, hkv = k.shape[1], k.shape[2]
+    nq, nk, hv, g = tp // cfg.block_q, n // cfg.block_k, cfg.virtual_heads, cfg.group_size
+    bq = cfg.block_q
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
+        grid=(b, hv, nq),
+        in_specs=[pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_ % hq, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
+                  pl.BlockSpec((None, bq), lambda i, v_, t: (i, t)),
+                  pl.BlockSpec((None, bq), lambda i, v_, t: (i, t))],
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t))],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, hv, d), q.dtype), jax.ShapeDtypeStruct((b, hv, tp), jnp.float32)],
+        name=f"nsa_{cfg.kind}_fwd",
+        **call_options(),
+    )(q, k, v, lo, hi)
+
+
+def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
+    b, tp, hq, d = q.shape
+    n, hkv = k.shape[1], k.shape[2]
+    nq, nk, hv, g = tp // cfg.block_q, n // cfg.block_k, cfg.virtual_heads, cfg.group_size
+    bq, bk = cfg.block_q, cfg.block_k
+    delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1).transpose(0, 2, 1) - dlse
+    row = pl.BlockSpec((None, bq), lambda i, v_, t: (i, t))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, nk=nk),
+        grid=(b, hv, nq),
+        in_specs=[pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_ % hq, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
+                  pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
+                  row, row,
+                  pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
+                  pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t)),
+                  pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t))],
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, hv, d), jnp.float32),
+        name=f"nsa_{cfg.kind}_dq",
+        **call_options(),
+    )(q, k, v, lo, hi, do, lse, delta)
+    whole = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, t: (i,) + (0,) * len(shape))
+    key = pl.BlockSpec((None, bk, None, d), lambda i, h, t: (i, t, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, nq=nq),
+        grid=(b, hkv, nk),
+        in_specs=[whole(tp, hq, d), key, key, whole(tp), whole(tp), whole(tp, hv, d), whole(hv, tp),
+                  whole(hv, tp)],
+        out_specs=[key, key],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        name=f"nsa_{cfg.kind}_dkv",
+        **call_options(),
+    )(q, k, v, lo, hi, do, lse, delta)
+    dq = dq.reshape(b, tp, hv // hq, hq, d).sum(2)  # the copies of a query head ("videonsa": two)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def masked_flash(cfg: MaskedFlashConfig, q, k, v, lo, hi):
+    """(o [B, Tp, Hv, D], lse [B, Hv, Tp]) of the masked attention; see the module doc for shapes."""
+    return _forward(cfg, q, k, v, lo, hi)
+
+
+def _masked_flash_fwd(cfg, q, k, v, lo, hi):
+    o, lse = _forward(cfg, q, k, v, lo, hi)
+    return (o, lse), (q, k, v, lo, hi, o, lse)
+
+
+def _masked_flash_bwd(cfg, res, cts):
+    q, k, v, lo, hi, o, lse = res
+    do, dlse = cts
+    dq, dk, dv = _backward(cfg, q, k, v, lo, hi, o, lse, do, dlse)
+    return dq, dk, dv, None, None
+
+
+masked_flash.defvjp(_masked_flash_fwd, _masked_flash_bwd)

@@ -1,0 +1,85 @@
+"""NSA through the Pallas kernels: compression and window (`masked_flash.py`), top-k (`topk.py`), selection
+(`selection.py`), gated sum in jnp (XLA fuses it; its gradient flows through autodiff)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.layout import HeadLayout
+from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
+from pallas_kernels.reference import mean_pool
+from pallas_kernels.segments import default_segments, segment_bounds
+from pallas_kernels.selection import SelectionConfig, selection_attention
+from pallas_kernels.topk import select_blocks_chunked
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tile(n: int, cap: int = 64) -> int:
+    return max(16, min(cap, _next_pow2(n)))
+
+
+def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _group_rows(layout: HeadLayout) -> np.ndarray:
+    """[HKV, GR] virtual row of each group slot (-1: padding), GR = group size rounded up to a tile."""
+    gr = max(16, _next_pow2(layout.group_size))
+    rows = np.full((layout.num_kv_heads, gr), -1, np.int32)
+    for h in range(layout.num_kv_heads):
+        r = list(layout.rows_of_kv_head(h))
+        rows[h, :len(r)] = r
+    return rows
+
+
+def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
+               window_size: int, segment_ids, causal_compression: bool, tie_break: str, scale):
+    b, t, hq, d = q.shape
+    hkv, hv, bs = k.shape[2], layout.virtual_heads, block_size
+    scale = d ** -0.5 if scale is None else float(scale)
+    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    lo, hi = segment_bounds(seg)
+
+    bq = _tile(t)
+    tp = -(-t // max(bq, bs)) * max(bq, bs)
+    qp, kp, vp = (_pad_to(x, 1, tp) for x in (q, k, v))
+    # Padded tokens form their own segment [t, tp): they never meet real tokens.
+    lop, hip = _pad_to(lo, 1, tp, t), _pad_to(hi, 1, tp, tp)
+
+    kc32 = mean_pool(k, bs)  # float32 block means, also what the top-k scores against
+    kc, vc = kc32.astype(q.dtype), mean_pool(v, bs).astype(q.dtype)
+    nb = kc.shape[1]
+    bkc = _tile(nb)
+    nbp = -(-nb // bkc) * bkc
+    kc, vc = _pad_to(kc, 1, nbp), _pad_to(vc, 1, nbp)
+    heads = dict(num_q_heads=hq, virtual_heads=hv, group_size=layout.group_size, scale=scale)
+    cmp_cfg = MaskedFlashConfig("cmp_causal" if causal_compression else "cmp_full", block_size=bs,
+                                block_q=bq, block_k=bkc, **heads)
+    o_cmp, lse = masked_flash(cmp_cfg, qp, kc, vc, lop, hip)
+    swa_cfg = MaskedFlashConfig("window", window=window_size, block_q=bq, block_k=bq, **heads)
+    o_swa, _ = masked_flash(swa_cfg, qp, kp, vp, lop, hip)
+
+    idx = select_blocks_chunked(jax.lax.stop_gradient(q), jax.lax.stop_gradient(kc32),
+                                jax.lax.stop_gradient(lse[:, :, :t]), lo, hi, layout=layout, block_size=bs,
+                                block_count=block_count, tie_break=tie_break, causal=causal_compression,
+                                scale=scale)
+    n_sel = _next_pow2(block_count)
+    idx = _pad_to(_pad_to(idx, 3, n_sel, -1), 1, tp, -1)
+    rows = _group_rows(layout)  # [HKV, GR]
+    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
+                       qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))
+    o_rows, _ = selection_attention(SelectionConfig(bs, scale), q_rows, kp, vp, idx)
+    vrows = np.arange(hv)
+    o_slc = o_rows[:, :, vrows // layout.group_size, vrows % layout.group_size]  # [B, Tp, Hv, D]
+
+    gate = lambda g_: _pad_to(g_, 1, tp).astype(jnp.float32)[:, :, vrows % hq, None]
+    o = gate(g_cmp) * o_cmp + gate(g_slc) * o_slc + gate(g_swa) * o_swa
+    o = o.reshape(b, tp, layout.copies, hq, d).mean(2)
+    return o[:, :t].astype(q.dtype)

@@ -1,0 +1,189 @@
+"""Selection branch: each token attends, causally, the tokens of the blocks chosen for its KV head.
+
+Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virtual rows of each KV head's
+group (zero-padded to GR rows, a tensor-core tile), so one program serves a whole group with one K / V block
+load per chosen block. Forward and dq run one program per (token, KV head); dk / dv run one program per
+(KV block, KV head) over the tokens that chose that block (an inverted index built with a sort), so the
+backward does exactly the selected work, with no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backend import call_options, dot
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    block_size: int
+    scale: float
+
+
+def _online_softmax_step(carry, s, v):
+    acc, m, l = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    corr = jnp.exp(m - m_safe)
+    return acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
+
+
+def _block_scores(cfg, q, k_ref, blk, token):
+    """Masked logits [GR, bs] of the rows of `token` against block `blk` (-1: nothing) and the block start."""
+    bs = cfg.block_size
+    start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
+    k = k_ref[pl.ds(start, bs), :]
+    cols = start + jnp.arange(bs)[None, :]
+    s = dot(q, k, trans_b=True) * cfg.scale
+    return jnp.where((cols <= token) & (blk >= 0), s, -jnp.inf), k, start
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: SelectionConfig, n_sel: int):
+    token = pl.program_id(1)
+    q = q_ref[...]
+
+    def body(j, carry):
+        s, _, start = _block_scores(cfg, q, k_ref, idx_ref[j], token)
+        return _online_softmax_step(carry, s, v_ref[pl.ds(start, cfg.block_size), :])
+
+    gr, d = q.shape
+    init = (jnp.zeros((gr, d), jnp.float32), jnp.full((gr,), -jnp.inf, jnp.float32), jnp.zeros((gr,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, n_sel, body, init)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _probs(s, lse):
+    finite = jnp.isfinite(lse)[:, None]
+    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
+               n_sel: int):
+    token = pl.program_id(1)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+    def body(j, dq):
+        s, k, start = _block_scores(cfg, q, k_ref, idx_ref[j], token)
+        v = v_ref[pl.ds(start, cfg.block_size), :]
+        ds = _probs(s, lse) * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, n_sel, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                cfg: SelectionConfig):
+    blk = pl.program_id(2)
+    bs = cfg.block_size
+    k, v = k_ref[...], v_ref[...]
+    cols = blk * bs + jnp.arange(bs)[None, :]
+
+    def body(n, carry):
+        dk, dv = carry
+        token = tokens_ref[n]
+        q, do = q_ref[token], do_ref[token]
+        lse, delta = lse_ref[token], delta_ref[token]
+        s = jnp.where(cols <= token, dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+        p = _probs(s, lse)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(offsets_ref[blk], offsets_ref[blk + 1], body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
+    b, tp, hkv, gr, d = q_rows.shape
+    n_sel, tk = idx.shape[-1], k.shape[1]
+    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
+    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, n_sel=n_sel),
+        grid=(b, tp, hkv),
+        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0))],
+        out_specs=[rows, pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+                   jax.ShapeDtypeStruct((b, tp, hkv, gr), jnp.float32)],
+        name="nsa_selection_fwd",
+        **call_options(),
+    )(q_rows, k, v, idx)
+
+
+def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """For each (batch, KV head): the tokens that chose each block, grouped by block ([B, HKV, Tp * S]), and
+    the offsets of each block's group ([B, HKV, num_blocks + 1])."""
+    b, tp, hkv, s = idx.shape
+    flat = jnp.where(idx >= 0, idx, num_blocks).transpose(0, 2, 1, 3).reshape(b, hkv, tp * s)
+    order = jnp.argsort(flat, axis=-1, stable=True)
+    sorted_blocks = jnp.take_along_axis(flat, order, axis=-1)
+    search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, jnp.arange(num_blocks + 1), side="left")))
+    return (order // s).astype(jnp.int32), search(sorted_blocks).astype(jnp.int32)
+
+
+def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
+    b, tp, hkv, gr, d = q_rows.shape
+    n_sel, tk = idx.shape[-1], k.shape[1]
+    nb = tk // cfg.block_size
+    delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
+    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
+    row_scalars = pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))
+    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
+        grid=(b, tp, hkv),
+        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0)),
+                  rows, row_scalars, row_scalars],
+        out_specs=rows,
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        name="nsa_selection_dq",
+        **call_options(),
+    )(q_rows, k, v, idx, do, lse, delta)
+    tokens, offsets = inverted_index(idx, nb)
+    all_rows = pl.BlockSpec((None, tp, None, gr, d), lambda i, h, j: (i, 0, h, 0, 0))
+    all_scalars = pl.BlockSpec((None, tp, None, gr), lambda i, h, j: (i, 0, h, 0))
+    block = pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid=(b, hkv, nb),
+        in_specs=[all_rows, block, block, pl.BlockSpec((None, None, tp * n_sel), lambda i, h, j: (i, h, 0)),
+                  pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)), all_rows, all_scalars,
+                  all_scalars],
+        out_specs=[block, block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        name="nsa_selection_dkv",
+        **call_options(),
+    )(q_rows, k, v, tokens, offsets, do, lse, delta)
+    return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx):
+    """(o_rows [B, Tp, HKV, GR, D], lse [B, Tp, HKV, GR]). k, v [B, NB * bs, HKV, D]; idx [B, Tp, HKV, S]
+    int32 chosen blocks (-1 = empty); a row attends keys j <= its token in its chosen blocks."""
+    return _forward(cfg, q_rows, k, v, idx)
+
+
+def _selection_fwd(cfg, q_rows, k, v, idx):
+    o, lse = _forward(cfg, q_rows, k, v, idx)
+    return (o, lse), (q_rows, k, v, idx, o, lse)
+
+
+def _selection_bwd(cfg, res, cts):
+    q_rows, k, v, idx, o, lse = res
+    dq, dk, dv = _backward(cfg, q_rows, k, v, idx, o, lse, *cts)
+    return dq, dk, dv, None
+
+
+selection_attention.defvjp(_selection_fwd, _selection_bwd)

@@ -1,0 +1,101 @@
+"""The Pallas NSA kernels (interpret mode on CPU, Triton on GPU) against the jnp oracle: outputs and the
+gradients for q, k, v and the three gates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import nsa_attention
+from pallas_kernels.backend import interpret_with
+from pallas_kernels.layout import head_layout
+from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
+from pallas_kernels.reference import compression_attention, expand_heads, mean_pool, window_attention
+from pallas_kernels.segments import segment_bounds
+
+VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla")
+
+CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mode, segment lengths)
+    "native_g1_f32_ragged": (jnp.float32, 1, 70, 2, 2, 16, 16, 3, 20, {}, None),
+    "native_g2_bf16_count_exceeds": (jnp.bfloat16, 1, 45, 4, 2, 16, 16, 8, 9, {}, None),
+    "native_g7_f32_packed": (jnp.float32, 2, 96, 7, 1, 16, 16, 2, 24, {}, (48, 48)),
+    "native_g8_bf16": (jnp.bfloat16, 1, 64, 16, 2, 32, 16, 3, 16, {}, None),
+    "videonsa_6x2_f32_ragged": (jnp.float32, 1, 53, 6, 2, 16, 16, 8, 7, VIDEONSA, None),
+    "videonsa_g7_bf16_packed": (jnp.bfloat16, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA, (32, 48)),
+}
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative L2 error
+
+
+def _inputs(seed, b, t, hq, hkv, d, dtype):
+    ks = jax.random.split(jax.random.key(seed), 7)
+    q, k, v = (jax.random.normal(kk, (b, t, h, d), dtype) for kk, h in zip(ks[:3], (hq, hkv, hkv)))
+    gates = [jax.nn.sigmoid(jax.random.normal(kk, (b, t, hq))).astype(dtype) for kk in ks[3:6]]
+    return (q, k, v, *gates), jax.random.normal(ks[6], (b, t, hq, d), jnp.float32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_match_oracle_forward_and_gradients(name):
+    dtype, b, t, hq, hkv, d, bs, count, window, mode, seg_lens = CASES[name]
+    args, w = _inputs(len(name), b, t, hq, hkv, d, dtype)
+    kw = dict(block_size=bs, block_count=count, window_size=window, **mode)
+    if seg_lens:
+        kw["segment_ids"] = jnp.asarray([np.repeat(np.arange(len(seg_lens)), seg_lens)] * b, jnp.int32)
+
+    def loss(impl):
+        return lambda *a: (nsa_attention(*a, impl=impl, **kw).astype(jnp.float32) * w).sum()
+
+    got, got_grads = jax.jit(jax.value_and_grad(loss("pallas"), argnums=range(6)))(*args)
+    want, want_grads = jax.jit(jax.value_and_grad(loss("reference"), argnums=range(6)))(*args)
+    out = jax.jit(lambda *a: nsa_attention(*a, impl="pallas", **kw))(*args)
+    ref = jax.jit(lambda *a: nsa_attention(*a, impl="reference", **kw))(*args)
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    assert _rel(out, ref) < TOL[dtype]
+    for label, g, r in zip(("q", "k", "v", "g_cmp", "g_slc", "g_swa"), got_grads, want_grads):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), label
+        assert _rel(g, r) < 3 * TOL[dtype], (label, _rel(g, r))
+
+
+@pytest.mark.parametrize("kind", ["cmp_causal", "cmp_full", "window"])
+def test_masked_flash_branches_and_lse(kind):
+    """The compression / window kernel alone, per virtual head, with its lse (gqa, G = 2, two segments)."""
+    b, t, hq, hkv, d, bs, window = 1, 64, 4, 2, 16, 16, 5
+    (q, k, v, *_), _ = _inputs(7, b, t, hq, hkv, d, jnp.float32)
+    seg = jnp.asarray([[0] * 32 + [1] * 32], jnp.int32)
+    lo, hi = segment_bounds(seg)
+    layout = head_layout("gqa", hq, hkv)
+    cfg = MaskedFlashConfig(kind, hq, layout.virtual_heads, layout.group_size, d ** -0.5,
+                            block_size=1 if kind == "window" else bs, window=window, block_q=16, block_k=16)
+    if kind == "window":
+        keys = (k, v)
+        want = window_attention(q, k, v, window_size=window, segment_ids=seg)
+        want_lse = None
+    else:
+        keys = tuple(jnp.pad(mean_pool(x, bs), ((0, 0), (0, 12), (0, 0), (0, 0))) for x in (k, v))
+        want, want_lse = compression_attention(expand_heads(q, layout), k, v, block_size=bs,
+                                               causal=kind == "cmp_causal", segment_ids=seg)
+    o, lse = jax.jit(lambda *a: masked_flash(cfg, *a))(q, *keys, lo, hi)
+    np.testing.assert_allclose(o, want, atol=2e-6)
+    if want_lse is not None:
+        got_lse = np.asarray(lse).transpose(0, 2, 1)
+        assert (np.isfinite(got_lse) == np.isfinite(want_lse)).all()
+        np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
+                                   np.where(np.isfinite(want_lse), want_lse, 0), atol=2e-6)
+
+
+def test_mosaic_interpret_masked_flash():
+    """The window kernel under the TPU (Mosaic) interpreter, when this jax has one."""
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    if not hasattr(pltpu, "InterpretParams"):
+        pytest.skip("no TPU interpret mode in this jax")
+    b, t, hq, hkv, d = 1, 32, 2, 1, 16
+    (q, k, v, *_), _ = _inputs(3, b, t, hq, hkv, d, jnp.float32)
+    lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
+    cfg = MaskedFlashConfig("window", hq, hq, hq, d ** -0.5, window=8, block_q=16, block_k=16)
+    with interpret_with(pltpu.InterpretParams()):
+        o, _ = masked_flash(cfg, q, k, v, lo, hi)
+    np.testing.assert_allclose(o, window_attention(q, k, v, window_size=8), atol=2e-6)
