@@ -1,0 +1,1 @@
+"""Training: sharding rules, optimizer, loss, train step, checkpoints and metrics for `launch/train.py`."""

@@ -1,0 +1,86 @@
+"""Orbax checkpoints of the training state and the data iterator, with resume.
+
+Each step directory holds two items: `state` (parameters, optimizer state, step and the non-finite
+counter; sharded, written asynchronously) and `data` (the data iterator's state as JSON), so a resumed run
+sees exactly the batches the interrupted one would have. An interrupted save leaves only a temporary
+directory that Orbax ignores. A step that cannot be read raises `CheckpointError` naming its directory and
+the earlier steps; resume from one of those with `resume_from_step` (never silently: skipping a checkpoint
+repeats training steps). Resuming from an explicit step moves the later checkpoints to
+`<workdir>/abandoned_checkpoints/` so the new run can write those steps again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nsa_jax.training.train_step import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def set_aside_after(self, step: int, destination: str) -> list[int]:
+        """Moves the checkpoints of steps after `step` into `destination` (a resume from `step` abandons them)."""
+        later = [s for s in self.steps() if s > step]
+        os.makedirs(destination, exist_ok=True)
+        for s in later:
+            os.replace(self.step_dir(s), os.path.join(destination, f"{s}.{int(time.time())}"))
+        self.manager.reload()
+        return later
+
+    def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None, *, force: bool = False
+             ) -> bool:
+        """Saves (asynchronously) when `step` is on the save interval or `force`; True if it did."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The state (placed as `abstract_state`'s shardings say) and the data iterator state of `step`."""
+        if step not in self.steps():
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; steps: {self.steps()}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state._asdict()),
+                                  data=ocp.args.JsonRestore())
+        try:
+            restored = self.manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
+            earlier = [s for s in self.steps() if s < step]
+            hint = (f"earlier checkpoints: steps {earlier}; resume from one with --config.resume_from_step=N"
+                    if earlier else "no earlier checkpoint")
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} (step {step}) is unreadable or corrupt "
+                                  f"({type(e).__name__}: {str(e)[:300]}); {hint}") from e
+        return TrainState(**restored["state"]), dict(restored["data"] or {})
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings, the restore target of a state."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,82 @@
+"""Model configs by preset name and the model split into (graphdef, float32 parameter dict) for training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from nsa_jax.config import ModelConfig, NSAConfig, TextConfig, VisionConfig, tiny_config
+from nsa_jax.model import Qwen25VL
+from nsa_jax.training.remat import prepare_decoder_layers
+from nsa_jax.training.sharding import tree_shardings
+
+
+def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
+    """tiny (tests), demo (CPU), videonsa_1b (benchmark: Qwen2.5-1.5B-sized LLM) or qwen25vl_7b (the paper)."""
+    if preset == "tiny":
+        return tiny_config(nsa=nsa)
+    if preset == "demo":
+        base = tiny_config(nsa=nsa, num_layers=4)
+        return base.replace(text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                            mrope_section=(4, 6, 6), max_position_embeddings=8192),
+                            vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                window_size=56, out_hidden_size=128,
+                                                fullatt_block_indexes=(1,))).validate()
+    if preset == "videonsa_1b":
+        return ModelConfig(text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                           num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                           tie_word_embeddings=True),
+                           vision=VisionConfig(out_hidden_size=1536), nsa=nsa).validate()
+    if preset == "qwen25vl_7b":
+        return ModelConfig(nsa=nsa).validate()
+    raise ValueError(f"model preset {preset!r}: expected tiny, demo, videonsa_1b or qwen25vl_7b")
+
+
+def nsa_config(c: Any) -> NSAConfig:
+    return NSAConfig(mode=c.mode, block_size=c.block_size, block_count=c.block_count, window_size=c.window_size,
+                     gate_temperature=c.gate_temperature, impl=c.impl)
+
+
+def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
+                       init_from: str = "") -> tuple[nnx.GraphDef, Any]:
+    """(graphdef with remat + activation sharding, float32 parameters placed by the sharding rules).
+
+    Random parameters are initialised directly into their shards; `init_from` (HF or Orbax directory,
+    `nsa_jax.conversion.from_pretrained`) is loaded on the host and replaces every parameter it holds.
+    """
+    dtype = jnp.dtype(compute_dtype)
+
+    def build() -> Qwen25VL:
+        return Qwen25VL(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.float32)
+
+    abstract = nnx.eval_shape(build)
+    prepare_decoder_layers(abstract, mesh, remat)
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), nnx.Param)), out_shardings=shardings)()
+    if init_from:
+        from nsa_jax.conversion import from_pretrained
+        loaded = from_pretrained(init_from)
+        if loaded.config.text != config.text or loaded.config.vision != config.vision:
+            raise ValueError(f"{init_from}: its text / vision config differs from preset's")
+        # A plain Qwen2.5-VL checkpoint has no NSA gates: those keep their fresh initialisation.
+        params = _overlay(params, nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), shardings)
+    return graphdef, params
+
+
+def _overlay(params: dict, loaded: dict, shardings: dict) -> dict:
+    """params with every leaf that `loaded` also holds replaced by the loaded value (float32, placed)."""
+    out = {}
+    for key, value in params.items():
+        if key not in loaded:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = _overlay(value, loaded[key], shardings[key])
+        else:
+            out[key] = jax.device_put(jnp.asarray(loaded[key], jnp.float32), shardings[key])
+    return out

@@ -1,0 +1,152 @@
+"""The device mesh and every sharding rule of training, in one place (logical axes as in MaxText).
+
+Parameters get logical axis names from their path (`param_logical_axes`); activations use the names
+"batch", "sequence", "embed", ... Logical names map to mesh axes through `LOGICAL_RULES`:
+
+- batch -> (data, fsdp): data parallel + ZeRO-3 style fully sharded parameters (FSDP);
+- embed (parameter rows) -> fsdp; heads / kv_heads / mlp / vocab -> tensor (Megatron tensor parallel);
+- sequence -> sequence: context parallelism. Activations are sharded along the token axis; attention
+  needs every key of a query's sample, so XLA all-gathers K/V (and their gradients reduce-scatter) at each
+  attention call. This is the "all-gathered K/V" form of context parallel NSA; a ring schedule is not
+  implemented.
+
+A mesh axis is dropped from a dimension it does not divide (that dimension is then replicated over it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "sequence": ("sequence",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "patches": ("data", "fsdp"),
+}
+
+# (path fragment, logical axes of the kernel / embedding, of the bias). First match wins.
+_PARAM_RULES: tuple[tuple[str, tuple[str | None, ...], tuple[str | None, ...]], ...] = (
+    ("embed_tokens", ("vocab", "embed"), ()),
+    ("lm_head", ("embed", "vocab"), ("vocab",)),
+    ("q_proj", ("embed", "heads"), ("heads",)),
+    ("k_proj", ("embed", "kv_heads"), ("kv_heads",)),
+    ("v_proj", ("embed", "kv_heads"), ("kv_heads",)),
+    ("o_proj", ("heads", "embed"), ("embed",)),
+    ("g_proj_1", ("embed", "mlp"), ("mlp",)),
+    ("g_proj_2", ("mlp", None), (None,)),
+    ("gate_proj", ("embed", "mlp"), ("mlp",)),
+    ("up_proj", ("embed", "mlp"), ("mlp",)),
+    ("down_proj", ("mlp", "embed"), ("embed",)),
+    ("attn.qkv", ("embed", "heads"), ("heads",)),
+    ("attn.proj", ("heads", "embed"), ("embed",)),
+    ("mlp_0", ("embed", "mlp"), ("mlp",)),
+    ("mlp_2", ("mlp", "embed"), ("embed",)),
+    ("patch_embed", (None, "embed"), ("embed",)),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, sequence); one size may be -1 (all remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(shape)}: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not a multiple of {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"{len(devices)} available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """The PartitionSpec of an array with these logical axes (axes not dividing a dimension are dropped)."""
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(logical, shape):
+        axes = []
+        size = 1
+        for axis in LOGICAL_RULES.get(name, ()) if name else ():
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or dim % (size * n):
+                continue
+            axes.append(axis)
+            size *= n
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return P(*spec)
+
+
+def named(mesh: Mesh, *logical: str | None, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its dotted path ('language_model.layers.0.self_attn.q_proj.kernel')."""
+    for fragment, kernel_axes, bias_axes in _PARAM_RULES:
+        if fragment in path:
+            axes = bias_axes if path.endswith(".bias") else kernel_axes
+            if len(axes) == ndim:
+                return axes
+    return (None,) * ndim  # norms and anything unmatched: replicated
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a parameter-shaped pytree (parameters, gradients, Adam moments)."""
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        return NamedSharding(mesh, logical_to_spec(param_logical_axes(_dotted(path), len(shape)), shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_spec(name: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a batch array: tokens are [B, T] (position ids [3, B, T]); pixel rows [N, D]."""
+    if name == "position_ids":
+        return (None, "batch", "sequence")
+    if name == "pixel_values":
+        return ("patches", None)
+    if ndim >= 2:
+        return ("batch", "sequence") + (None,) * (ndim - 2)
+    return (None,) * ndim
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places this process's part of a batch onto the mesh (global arrays built from process-local data)."""
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        sharding = named(mesh, *batch_spec(name, value.ndim), shape=_global_shape(name, value.shape))
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def _global_shape(name: str, local: tuple[int, ...]) -> tuple[int, ...]:
+    """The global shape of a batch array of which each process holds an equal slice along its batch axis."""
+    n = jax.process_count()
+    axis = 1 if name == "position_ids" else 0
+    return tuple(d * n if i == axis else d for i, d in enumerate(local))
+
+
+def activation_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Hidden states [B, T, E] between decoder layers: batch over (data, fsdp), tokens over sequence."""
+    return named(mesh, "batch", "sequence", None, shape=shape)

@@ -1,0 +1,72 @@
+"""Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes, equal the
+single-device ones. The work runs in a subprocess so XLA_FLAGS takes effect before jax is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+LAYOUTS = [
+    {"data": 8},
+    {"fsdp": 4, "tensor": 2},
+    {"data": 2, "sequence": 4},
+    {"fsdp": 2, "tensor": 2, "sequence": 2},
+]
+
+def _compare_layouts() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configs.tiny import get_config
+    from nsa_jax.training.device_batch import device_batch
+    from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+    from nsa_jax.training.optimizer import make_optimizer
+    from nsa_jax.training.sharding import make_mesh
+    from nsa_jax.training.synthetic_data import SyntheticBatches
+    from nsa_jax.training.train_step import StepFunctions
+
+    c = get_config()
+    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
+
+    def run(shape, devices):
+        mesh = make_mesh(shape, devices)
+        graphdef, params = split_for_training(cfg, mesh, compute_dtype="float32", remat="full", seed=0)
+        fns = StepFunctions(graphdef, make_optimizer(params, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0),
+                            mesh, loss_chunk=32)
+        sums = jax.jit(fns.micro_sums)(params, device_batch(host, cfg, mesh))
+        sharded = sum(not s.sharding.is_fully_replicated for s in jax.tree.leaves(sums.grads))
+        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded
+
+    ref_loss, ref_tokens, ref_grads, _ = run({"data": 1}, jax.devices()[:1])
+    out = {"reference": ref_loss, "layouts": []}
+    for shape in LAYOUTS:
+        loss, tokens, grads, sharded = run(shape, jax.devices())
+        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)),
+                                             grads, ref_grads))
+        out["layouts"].append({"shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
+                               "max_rel_grad_diff": max(diffs), "sharded_grads": sharded})
+    del jnp
+    return out
+
+def test_mesh_layouts_match_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path / "out.json")], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for r in out["layouts"]:
+        assert r["tokens"] == r["ref_tokens"], r
+        assert abs(r["loss"] - out["reference"]) <= 1e-4 * abs(out["reference"]), r
+        assert r["max_rel_grad_diff"] < 1e-3, r
+    # The layouts really shard: parameters split over fsdp / tensor show up as sharded gradients.
+    assert out["layouts"][1]["sharded_grads"] > 0 and out["layouts"][3]["sharded_grads"] > 0
+
+if __name__ == "__main__":
+    import pathlib
+    pathlib.Path(sys.argv[1]).write_text(json.dumps(_compare_layouts()))

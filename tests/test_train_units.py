@@ -1,0 +1,135 @@
+"""Pieces of the trainer against hand computations: targets, schedule, freezing, sharding specs, the event
+file format, padded vision layouts and FLOP counts."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from nsa_jax.config import tiny_config
+from nsa_jax.training import events, flops
+from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
+from nsa_jax.training.optimizer import learning_rate_schedule, trainable_labels
+from nsa_jax.training.sharding import logical_to_spec, make_mesh, param_logical_axes
+from nsa_jax.training.vision_batch import padded_vision_layout
+from nsa_jax.vision import VisionTower, vision_layout
+
+
+def test_shifted_targets_respect_labels_and_segments():
+    labels = jnp.array([[-100, 5, 6, -100, 7, 8, 0, 0]])
+    seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]])
+    targets, weights = shifted_targets(labels, seg)
+    # Position t predicts labels[t+1]: 5, 6 (seg 1), then nothing across the 1->2 boundary, 7 and 8 in seg 2.
+    assert weights.tolist() == [[True, True, False, True, True, False, False, False]]
+    assert targets[0, :5].tolist() == [5, 6, 0, 7, 8]
+
+
+def test_cross_entropy_chunks_equal_direct():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 8)))
+    weights = jnp.asarray(rng.random((2, 8)) > 0.3)
+    logits = hidden @ w
+    direct = -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0] * weights)
+    total, count = cross_entropy_sum(hidden, lambda h: h @ w, targets, weights, chunk=4)
+    assert float(total) == pytest.approx(float(direct), rel=1e-5)
+    assert float(count) == float(weights.sum())
+
+
+def test_schedule_warmup_then_cosine():
+    s = learning_rate_schedule(1e-3, 100, 0.1, 0.0)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(5e-4) and float(s(10)) == pytest.approx(1e-3)
+    assert float(s(55)) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)), rel=1e-5)
+
+
+def test_freeze_labels():
+    params = {"visual": {"blocks": {"0": {"w": 0}}, "merger": {"w": 0}, "patch_embed": {"w": 0}},
+              "language_model": {"w": 0}, "lm_head": {"w": 0}}
+    labels = trainable_labels(params, ["vision_tower"])
+    assert labels["visual"]["blocks"]["0"]["w"] == "frozen" and labels["visual"]["patch_embed"]["w"] == "frozen"
+    assert labels["visual"]["merger"]["w"] == "train" and labels["lm_head"]["w"] == "train"
+    with pytest.raises(ValueError, match="freeze"):
+        trainable_labels(params, ["vision"])
+
+
+def test_sharding_rules():
+    mesh = make_mesh({"fsdp": -1}, jax.devices()[:1])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
+    assert param_logical_axes("language_model.layers.0.self_attn.q_proj.kernel", 2) == ("embed", "heads")
+    assert param_logical_axes("language_model.layers.0.self_attn.q_proj.bias", 1) == ("heads",)
+    assert param_logical_axes("language_model.norm.weight", 1) == (None,)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        make_mesh({"data": 4}, jax.devices()[:1])
+
+    class FakeMesh:  # logical_to_spec only reads the axis sizes
+        shape = {"data": 2, "fsdp": 4, "tensor": 2, "sequence": 1}
+
+    assert logical_to_spec(("embed", "heads"), (64, 6), FakeMesh()) == P("fsdp", "tensor")
+    assert logical_to_spec(("embed", "heads"), (6, 3), FakeMesh()) == P(None, None)  # 4 / 2 do not divide
+    assert logical_to_spec(("batch", "sequence"), (8, 16), FakeMesh()) == P(("data", "fsdp"), None)
+
+
+def _read_records(path):
+    data = open(path, "rb").read()
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        assert struct.unpack("<I", data[i + 8:i + 12])[0] == events._masked_crc(data[i:i + 8])
+        rec = data[i + 12:i + 12 + n]
+        assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == events._masked_crc(rec)
+        out.append(rec)
+        i += 16 + n
+    return out
+
+
+def test_event_file(tmp_path):
+    assert events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = events.EventWriter(str(tmp_path))
+    w.scalars(7, {"loss": 1.5})
+    w.close()
+    recs = _read_records(w.path)
+    assert len(recs) == 2 and b"brain.Event:2" in recs[0]
+    assert b"loss" in recs[1] and struct.pack("<f", 1.5) in recs[1] and b"\x10\x07" in recs[1]  # step 7
+
+
+def test_padded_layout_gives_the_same_vision_features():
+    cfg = tiny_config().vision
+    tower = VisionTower(cfg, rngs=nnx.Rngs(0))
+    grid = np.array([[2, 4, 4], [2, 4, 8]])
+    rows = int(np.prod(grid, axis=1).sum())
+    pixels = np.random.default_rng(0).standard_normal((rows, cfg.patch_dim)).astype(np.float32)
+    exact = tower(jnp.asarray(pixels), vision_layout(grid, cfg))
+    table = np.concatenate([grid, np.zeros((3, 3), np.int64)])  # padded grid table
+    padded_pixels = np.concatenate([pixels, np.zeros((40, cfg.patch_dim), np.float32)])
+    layout = padded_vision_layout(table, rows + 40, cfg, bucket_segments=16, bucket_width=64, max_frame_rows=16)
+    assert layout.window_segments.gather.shape[0] % 16 == 0 and layout.frame_segments.gather.shape[1] == 64
+
+    def real_sum(p):
+        return jnp.sum(tower(p, layout)[:rows // 4] ** 2)
+
+    padded = tower(jnp.asarray(padded_pixels), layout)
+    np.testing.assert_allclose(np.asarray(padded[:rows // 4]), np.asarray(exact), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(real_sum)(jnp.asarray(padded_pixels))
+    assert np.all(np.isfinite(grads)) and not np.any(grads[rows:])
+    with pytest.raises(ValueError, match="multiple of"):
+        padded_vision_layout(table, rows + 2, cfg)
+
+
+def test_flops_of_a_dense_model_by_hand():
+    cfg = tiny_config()
+    t = cfg.text
+    n = 10
+    per_layer = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) \
+        + 3 * t.hidden_size * t.intermediate_size
+    matmul = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size
+    attention = t.num_hidden_layers * 4 * t.num_attention_heads * t.head_dim * n * (n + 1) / 2
+    assert flops.train_step_flops(cfg, samples=2, text_tokens=n, vision_tokens=0) == 3 * 2 * (2 * matmul * n + attention)
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and flops.peak_flops("cpu") is None
