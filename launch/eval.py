@@ -4,7 +4,8 @@
       [--fps=4 --max_frames=64 --max_pixels=50176 --max_new_tokens=16 --tokenizer=DIR]
 
 Resumable: answers already in --out or in this process's part file are kept and not asked again. Sharded: question
-i goes to process i % process_count (jax.process_index / process_count, or --process_index / --process_count to
+i goes to process i % process_count (jax.process_index / process_count after jax.distributed.initialize, which
+is auto-detected on SLURM / TPU pods or set with --coordinator_address; or --process_index / --process_count to
 run shards as separate jobs); each process appends its answers to `<out>.part<i>of<n>.jsonl`, and process 0 writes
 --out once every part is complete (it waits for the others under jax.distributed; a simulated process 0 that
 finds parts missing says so and a later run merges).
@@ -12,6 +13,7 @@ finds parts missing says so and a later run merges).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -34,6 +36,10 @@ flags.DEFINE_integer("max_new_tokens", 16, "Most generated tokens per answer.")
 flags.DEFINE_enum("method", "auto", ["auto", "cache", "recompute"], "Decoder (see nsa_jax/generate.py).")
 flags.DEFINE_integer("process_index", None, "This shard (default jax.process_index()).")
 flags.DEFINE_integer("process_count", None, "Number of shards (default jax.process_count()).")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port (multi-host without "
+                    "SLURM / TPU auto-detection).")
+flags.DEFINE_integer("num_processes", None, "jax.distributed process count (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "jax.distributed process id (with --coordinator_address).")
 flags.DEFINE_integer("limit", None, "Only the first N questions.")
 flags.mark_flags_as_required(["model", "questions"])
 FLAGS = flags.FLAGS
@@ -148,23 +154,32 @@ def merge(questions: Sequence, out: str, count: int) -> dict[str, Any] | None:
 
 def main(argv) -> None:
     del argv
+    import types
+
     import jax
 
     from nsa_jax import from_pretrained
     from nsa_jax.qa import load_questions, prompt_text
+    from nsa_jax.training.loop import maybe_initialize_distributed
 
+    if FLAGS.process_index is None:  # real processes; explicit shards are separate single-process jobs
+        maybe_initialize_distributed(types.SimpleNamespace(coordinator_address=FLAGS.coordinator_address,
+                                                           num_processes=FLAGS.num_processes,
+                                                           process_id=FLAGS.process_id))
     index = jax.process_index() if FLAGS.process_index is None else FLAGS.process_index
     count = jax.process_count() if FLAGS.process_count is None else FLAGS.process_count
     questions = load_questions(FLAGS.questions)[:FLAGS.limit]
     model = from_pretrained(FLAGS.model)
     tokenizer = eval_tokenizer(FLAGS.model, model.config, FLAGS.tokenizer)
 
+    @functools.lru_cache(maxsize=2)  # benchmarks ask several questions about one video in a row
+    def video(path: str):
+        return read_video_inputs(path, fps=FLAGS.fps, min_frames=FLAGS.min_frames, max_frames=FLAGS.max_frames,
+                                 min_pixels=FLAGS.min_pixels, max_pixels=FLAGS.max_pixels)
+
     def answer_fn(q) -> str:
-        vision = read_video_inputs(os.path.join(FLAGS.video_root, q.video), fps=FLAGS.fps,
-                                   min_frames=FLAGS.min_frames, max_frames=FLAGS.max_frames,
-                                   min_pixels=FLAGS.min_pixels, max_pixels=FLAGS.max_pixels)
-        return answer(model, tokenizer, vision, prompt_text(q), max_new_tokens=FLAGS.max_new_tokens,
-                      method=FLAGS.method)
+        return answer(model, tokenizer, video(os.path.join(FLAGS.video_root, q.video)), prompt_text(q),
+                      max_new_tokens=FLAGS.max_new_tokens, method=FLAGS.method)
 
     run_shard(questions, answer_fn, FLAGS.out, index, count)
     if jax.process_count() > 1:
