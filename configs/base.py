@@ -11,11 +11,14 @@ def base_config() -> ml_collections.ConfigDict:
         preset="tiny",  # "tiny", "demo", "videonsa_1b" or "qwen25vl_7b" (nsa_jax.training.model_setup)
         init_from="",  # HF safetensors directory or Orbax directory; "" = random initialisation
         compute_dtype="float32",  # activations / matmuls; parameters (master weights) stay float32
+        attention_impl="",  # dense attention: "" = XLA's choice, "cudnn" = cuDNN flash attention (GPU)
         nsa=ml_collections.ConfigDict(dict(mode="videonsa", block_size=64, block_count=32, window_size=256,
                                            gate_temperature=0.3, impl="auto")),
     ))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # "synthetic" (nsa_jax.training.synthetic_data)
+        source="synthetic",  # "synthetic" (nsa_jax.training.synthetic_data) or "records" (data/pipeline.py)
+        records_dir="",  # records: a launch/predecode.py output directory
+        tokenizer="",  # records: an HF tokenizer directory; "" = the byte-level fallback
         batch_size=8,  # global rows per micro-batch
         seq_len=128,
         video_grid=(2, 4, 4),  # synthetic: (t, h, w) patches of each row's video

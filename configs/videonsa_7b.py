@@ -12,7 +12,7 @@ from configs.base import base_config
 
 def get_config():
     c = base_config()
-    c.model.update(preset="qwen25vl_7b", compute_dtype="bfloat16", init_from="")
+    c.model.update(preset="qwen25vl_7b", compute_dtype="bfloat16", init_from="", attention_impl="cudnn")
     c.model.nsa.update(mode="videonsa", block_size=64, block_count=32, window_size=256, gate_temperature=0.3)
     c.data.update(batch_size=8, seq_len=65536, max_patches=4 * 60000, video_grid=(176, 16, 16))
     c.train.update(steps=27000, learning_rate=1e-6, warmup_fraction=0.1, end_lr_ratio=0.0, weight_decay=0.01,

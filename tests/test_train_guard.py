@@ -57,7 +57,7 @@ def test_gradient_accumulation_equals_one_batch():
     whole = SyntheticBatches(cfg, batch_size=4, seq_len=64, video_grid=(2, 4, 4), max_patches=128).batch(0)
     halves = [{k: (v[:, 2 * i:2 * i + 2] if k == "position_ids" else v[64 * i:64 * i + 64] if k.startswith("pixel")
                    else v[2 * i:2 * i + 2]) for k, v in whole.items()} for i in range(2)]
-    one, m1 = fns(new_state(), [device_batch(whole, cfg, mesh)])
+    one, m1 = fns.apply(new_state(), fns.micro(initial, device_batch(whole, cfg, mesh)))
     two, m2 = fns(new_state(), [device_batch(h, cfg, mesh) for h in halves])
     assert float(m1.loss) == pytest.approx(float(m2.loss), rel=1e-5)
     assert float(m1.grad_norm) == pytest.approx(float(m2.grad_norm), rel=1e-4)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from nsa_jax.training.train_step import TrainState
 
@@ -42,11 +43,16 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def set_aside_after(self, step: int, destination: str) -> list[int]:
-        """Moves the checkpoints of steps after `step` into `destination` (a resume from `step` abandons them)."""
+        """Moves the checkpoints of steps after `step` into `destination` (a resume from `step` abandons them).
+
+        Process 0 moves the directories; every process then reloads the step list."""
         later = [s for s in self.steps() if s > step]
-        os.makedirs(destination, exist_ok=True)
-        for s in later:
-            os.replace(self.step_dir(s), os.path.join(destination, f"{s}.{int(time.time())}"))
+        if jax.process_index() == 0:
+            os.makedirs(destination, exist_ok=True)
+            for s in later:
+                os.replace(self.step_dir(s), os.path.join(destination, f"{s}.{int(time.time())}"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoint_set_aside")
         self.manager.reload()
         return later
 

@@ -43,9 +43,17 @@ def maybe_initialize_distributed(c: Any) -> None:
 def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
     """This process's host batches (each process draws its own rows: batch_size / process_count)."""
     d = config.data
-    if d.source != "synthetic":
-        raise ValueError(f"data.source {d.source!r}: expected 'synthetic'")
     per_process = d.batch_size // jax.process_count()
+    if d.source == "records":
+        from data import pipeline
+        from data.shards import shard_paths
+        from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
+        tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else ByteTokenizer(model_cfg.text.vocab_size)
+        return pipeline.batches(shard_paths(d.records_dir), model_cfg, tokenizer, batch_size=per_process,
+                                seq_len=d.seq_len, max_patches=d.max_patches // jax.process_count(), seed=d.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    if d.source != "synthetic":
+        raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'records'")
     return SyntheticBatches(model_cfg, batch_size=per_process, seq_len=d.seq_len, video_grid=tuple(d.video_grid),
                             max_patches=d.max_patches // jax.process_count(),
                             seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps))
@@ -76,7 +84,8 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     mesh = make_mesh(dict(config.mesh))
     model_cfg = model_config(config.model.preset, nsa_config(config.model.nsa))
     graphdef, params = split_for_training(model_cfg, mesh, compute_dtype=config.model.compute_dtype,
-                                          remat=t.remat, seed=t.seed, init_from=config.model.init_from)
+                                          remat=t.remat, seed=t.seed, init_from=config.model.init_from,
+                                          attention_impl=config.model.attention_impl)
     schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_fraction, t.end_lr_ratio)
     freeze = [f for f in t.freeze.split(",") if f]
     tx = make_optimizer(params, learning_rate=schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,

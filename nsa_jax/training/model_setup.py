@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from nsa_jax.config import ModelConfig, NSAConfig, TextConfig, VisionConfig, tiny_config
 from nsa_jax.model import Qwen25VL
-from nsa_jax.training.remat import prepare_decoder_layers
+from nsa_jax.training.remat import prepare_blocks
 from nsa_jax.training.sharding import tree_shardings
 
 
@@ -43,9 +43,11 @@ def nsa_config(c: Any) -> NSAConfig:
 
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
-                       init_from: str = "") -> tuple[nnx.GraphDef, Any]:
+                       init_from: str = "", attention_impl: str = "") -> tuple[nnx.GraphDef, Any]:
     """(graphdef with remat + activation sharding, float32 parameters placed by the sharding rules).
 
+    attention_impl: `jax.nn.dot_product_attention` implementation of the language model's dense attention
+    ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs).
     Random parameters are initialised directly into their shards; `init_from` (HF or Orbax directory,
     `nsa_jax.conversion.from_pretrained`) is loaded on the host and replaces every parameter it holds.
     """
@@ -55,7 +57,9 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
         return Qwen25VL(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.float32)
 
     abstract = nnx.eval_shape(build)
-    prepare_decoder_layers(abstract, mesh, remat)
+    prepare_blocks(abstract, mesh, remat)
+    for layer in abstract.language_model.layers:
+        layer.self_attn.implementation = attention_impl or None
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), nnx.Param)), out_shardings=shardings)()

@@ -91,7 +91,7 @@ class StepFunctions:
             micro=jax.jit(self.micro_sums, out_shardings=sums_shardings),
             add=jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=sums_shardings,
                         donate_argnums=0),
-            apply=jax.jit(self.apply, out_shardings=(state_shardings, None), donate_argnums=(0, 1)),
+            apply=jax.jit(self.apply, out_shardings=(state_shardings, None), donate_argnums=0),
         )
 
 
