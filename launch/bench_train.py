@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     del argv
     from nsa_jax.training import flops
-    from nsa_jax.training.device_batch import batch_token_counts, device_batch
+    from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
     from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
     from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from nsa_jax.training.sharding import make_mesh
@@ -68,10 +68,7 @@ def main(argv) -> None:
     counts = batch_token_counts(host, cfg)
     tokens = sum(a + b for a, b in counts)
     patches = int((host["video_grid_thw"].prod(axis=1)).sum())
-    frame = int(host["video_grid_thw"][0, 1] * host["video_grid_thw"][0, 2])
-    step_flops = sum(flops.train_step_flops(cfg, samples=1, text_tokens=a, vision_tokens=b) for a, b in counts)
-    step_flops += flops.train_step_flops(cfg, samples=1, text_tokens=0, vision_tokens=0, patches=patches,
-                                         frame_patches=frame)
+    step_flops = batch_flops(host, cfg)
     device = jax.devices()[0]
     peak = c.peak_flops_per_device if c.peak_flops_per_device > 0 else flops.peak_flops(device.device_kind)
     stats = device.memory_stats() or {}

@@ -10,6 +10,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nsa_jax.config import ModelConfig
+from nsa_jax.training.flops import train_step_flops
 from nsa_jax.model import VisionInput
 from nsa_jax.training.sharding import shard_batch
 from nsa_jax.training.vision_batch import padded_vision_layout, with_padding_frames
@@ -58,3 +59,15 @@ def batch_token_counts(host: Mapping[str, np.ndarray], config: ModelConfig) -> l
             v = int(vision[r][m].sum())
             out.append((int(m.sum()) - v, v))
     return out
+
+
+def batch_flops(host: Mapping[str, np.ndarray], config: ModelConfig) -> float:
+    """Model FLOPs of a training step on this host batch: language model per sample + vision tower per grid."""
+    total = sum(train_step_flops(config, samples=1, text_tokens=a, vision_tokens=b)
+                for a, b in batch_token_counts(host, config))
+    for _, grid_key in VISION_KEYS.values():
+        for t, h, w in np.asarray(host.get(grid_key, np.zeros((0, 3))), np.int64).reshape(-1, 3):
+            if t > 0:
+                total += train_step_flops(config, samples=1, text_tokens=0, vision_tokens=0,
+                                          patches=int(t * h * w), frame_patches=int(h * w))
+    return total

@@ -16,7 +16,7 @@ import tqdm
 
 from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
-from nsa_jax.training.device_batch import batch_token_counts, device_batch
+from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
 from nsa_jax.training.events import EventWriter
 from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -131,8 +131,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
             loss, grad_norm, finite, bad = jax.device_get((m.loss, m.grad_norm, m.finite, state.bad_steps))
             now = time.perf_counter()
             counts = [c for h in hosts for c in batch_token_counts(h, model_cfg)]
-            step_flops = sum(flops.train_step_flops(model_cfg, samples=1, text_tokens=a, vision_tokens=b)
-                             for a, b in counts)
+            step_flops = sum(batch_flops(h, model_cfg) for h in hosts)
             record = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm),
                       "finite": bool(finite), "learning_rate": float(schedule(step)),
                       "tokens_per_s": sum(a + b for a, b in counts) * jax.process_count() / (now - last),
