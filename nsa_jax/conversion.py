@@ -283,6 +283,30 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
     return nnx.merge(graphdef, state, rest)
 
 
+def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None) -> Qwen25VL:
+    """The model whose parameters are the `params` entry of a training-state Orbax item (launch/train.py's
+    `<workdir>/checkpoints/<step>/state`); raises CheckpointError on missing or mis-shaped keys."""
+    try:
+        raw = _checkpointer().restore(os.path.abspath(state_dir))
+    except Exception as e:  # orbax raises many types on a damaged directory
+        raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
+    if "params" not in raw:
+        raise CheckpointError(f"{state_dir}: no 'params' entry (keys {sorted(raw)})")
+    stored = {_path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
+    model = abstract_model(config, dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        if name not in stored:
+            raise CheckpointError(f"{state_dir}: missing key {name}")
+        if tuple(stored[name].shape) != tuple(var.shape):
+            raise CheckpointError(f"{state_dir}: key {name} has shape {tuple(stored[name].shape)}, the model "
+                                  f"expects {tuple(var.shape)}")
+        leaves.append((path, nnx.Param(jnp.asarray(stored[name], dtype or stored[name].dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
+
+
 def _path_str(keypath) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
 

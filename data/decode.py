@@ -1,0 +1,147 @@
+"""Video decoding with PyAV: the frames a sampler picks, as RGB uint8 arrays, and an annotation's record.
+
+The frame count a sampler sees is the number of frames that really decode (as a decoder that reads the
+whole video reports it): the container's count is tried first, and if decoding disagrees the video is
+decoded once more with the true count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import av
+import numpy as np
+
+from data.annotations import Annotation
+from nsa_jax import processing
+
+# (total_frames, video_fps) -> (sorted frame indices to keep, which may repeat; the sampling fps they give)
+FrameSampler = Callable[[int, float], tuple[np.ndarray, float]]
+FrameTransform = Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> uint8 [H', W', 3]
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be used: unreadable, no video stream, or no decodable frame."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledFrames:
+    frames: np.ndarray  # uint8 [T, H, W, 3], RGB, after the transform
+    timestamps: np.ndarray  # float32 [T], seconds from the first decoded frame
+    fps: float  # the sampling rate the sampler reports
+    total_frames: int  # decodable frames in the video
+    video_fps: float  # the container's average frame rate
+
+
+def _open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    container = av.open(path)
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(f"{path}: no video stream (zero frames)")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _probe(path: str) -> tuple[int, float]:
+    """(frames the container declares, or its video packet count; average fps), without decoding."""
+    container, stream = _open_video(path)
+    with container:
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        if stream.frames > 0:
+            return int(stream.frames), fps
+        return sum(1 for packet in container.demux(stream) if packet.size), fps
+
+
+def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[int, dict[int, tuple[float, np.ndarray]]]:
+    """Decodes the whole video; returns its frame count and {index: (seconds from frame 0, transformed rgb)}
+    of the `wanted` frames."""
+    container, stream = _open_video(path)
+    kept = {}
+    count = 0
+    start = 0.0
+    with container:
+        for frame in container.decode(stream):
+            time = float(frame.time or 0.0)
+            if count == 0:
+                start = time
+            if count in wanted:
+                kept[count] = (time - start, transform(frame.to_ndarray(format="rgb24")))
+            count += 1
+    return count, kept
+
+
+def read_video(path: str, sampler: FrameSampler, transform: FrameTransform = lambda frame: frame) -> SampledFrames:
+    """Decodes `path` and returns the frames `sampler(total_frames, fps)` picks, each passed through
+    `transform` as soon as it is decoded (so full-size frames are never all held); raises VideoDecodeError."""
+    try:
+        total, fps = _probe(path)
+        if fps <= 0:
+            raise VideoDecodeError(f"{path}: no frame rate")
+        for _ in range(2):
+            indices, sample_fps = _sample(path, sampler, total, fps)
+            decoded, kept = _decode(path, set(indices.tolist()), transform)
+            if decoded == 0:
+                raise VideoDecodeError(f"{path}: no decodable frame (zero frames)")
+            if decoded == total:
+                break
+            total = decoded  # the container's count was wrong: sample again over the frames that decode
+        else:
+            raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"{path}: {e}") from e
+    frames = np.stack([kept[i][1] for i in indices.tolist()])
+    times = np.array([kept[i][0] for i in indices.tolist()], np.float32)
+    return SampledFrames(frames=frames, timestamps=times, fps=sample_fps, total_frames=total, video_fps=fps)
+
+
+def _sample(path: str, sampler: FrameSampler, total: int, fps: float) -> tuple[np.ndarray, float]:
+    if total == 0:  # the container declares nothing: decode everything once to count
+        return np.zeros(0, np.int64), 0.0
+    try:
+        indices, sample_fps = sampler(total, fps)
+    except ValueError as e:  # e.g. fewer frames than one temporal patch
+        raise VideoDecodeError(f"{path}: {e}") from e
+    return np.asarray(indices, np.int64), float(sample_fps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How frames are sampled and resized (VideoNSA's training values by default)."""
+
+    fps: float = 4.0
+    min_frames: int = 350
+    max_frames: int = 550
+    min_pixels: int = processing.IMAGE_MIN_PIXELS  # the video default (100352) would exceed max_pixels
+    max_pixels: int = processing.VIDEONSA_VIDEO_MAX_PIXELS
+
+
+def resize_frame(frame: np.ndarray, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """One uint8 frame [H, W, 3] resized as the video processor does (smart_resize + torchvision bicubic)."""
+    height, width = processing.smart_resize(*frame.shape[:2], min_pixels=min_pixels, max_pixels=max_pixels)
+    return processing.resize_torchvision(frame, height, width)
+
+
+def make_record(annotation: Annotation, video_root: str, settings: DecodeSettings) -> dict[str, Any]:
+    """Decodes, samples and resizes one annotation's video into a record; raises VideoDecodeError."""
+    path = os.path.join(video_root, annotation.video)
+    sampler = functools.partial(processing.sample_frame_indices, fps=settings.fps, min_frames=settings.min_frames,
+                                max_frames=settings.max_frames)
+    sampled = read_video(path, sampler, functools.partial(resize_frame, min_pixels=settings.min_pixels,
+                                                          max_pixels=settings.max_pixels))
+    frames = sampled.frames
+    tps, patch = processing.TEMPORAL_PATCH_SIZE, processing.PATCH_SIZE
+    grid = (-(-len(frames) // tps), frames.shape[1] // patch, frames.shape[2] // patch)
+    return {
+        "id": annotation.id,
+        "video": annotation.video,
+        "frames": frames,
+        "grid_thw": np.array(grid, np.int32),
+        "timestamps": sampled.timestamps,
+        "fps": sampled.fps,
+        "second_per_grid_t": tps / sampled.fps,
+        "conversations": annotation.conversation_dicts(),
+    }

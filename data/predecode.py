@@ -1,0 +1,97 @@
+"""The pre-decoding job: annotations + videos -> ArrayRecord shards of sampled, resized frames.
+
+Videos are decoded in a process pool (ordered, one task per annotation); the main process streams each
+shard's records into a temporary file and renames it when the shard is complete, then records it in the
+manifest. A rerun on the same directory skips the shards the manifest lists. A video that cannot be
+decoded is logged, listed in `failures.jsonl` and skipped; a malformed annotation stops the job before
+any decoding with an `AnnotationError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import multiprocessing
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import tqdm
+
+from data import records
+from data.annotations import Annotation, load_annotations
+from data.decode import DecodeSettings, VideoDecodeError, make_record
+from data.shards import Manifest, ShardInfo, ShardWriter, shard_filename
+from data.tfds_builder import write_dataset_info
+
+
+def _encode_or_fail(annotation: Annotation, video_root: str, settings: DecodeSettings) -> bytes | dict[str, Any]:
+    """Serialised record, or the failure entry of a video that cannot be decoded."""
+    try:
+        return records.encode_record(make_record(annotation, video_root, settings))
+    except VideoDecodeError as e:
+        return {"id": annotation.id, "video": annotation.video, "line": annotation.line, "error": str(e)}
+
+
+def _open_manifest(out_dir: str, fresh: Manifest) -> Manifest:
+    """The directory's manifest if it was made from the same inputs and settings, else `fresh`."""
+    if not os.path.exists(os.path.join(out_dir, "manifest.json")):
+        return fresh
+    existing = Manifest.load(out_dir)
+    keys = ("annotations", "video_root", "settings", "num_annotations", "shard_size", "split")
+    diff = [k for k in keys if getattr(existing, k) != getattr(fresh, k)]
+    if diff:
+        raise ValueError(f"{out_dir} holds shards made with other {', '.join(diff)} "
+                         f"({', '.join(f'{k}={getattr(existing, k)!r}' for k in diff)}); use a new --out_dir")
+    return existing
+
+
+def predecode(annotations_path: str, video_root: str, out_dir: str, settings: DecodeSettings = DecodeSettings(),
+              *, shard_size: int = 64, num_workers: int = 0, split: str = "train",
+              progress: bool = True) -> Manifest:
+    """Writes (or finishes) the shards, manifest and TFDS metadata of `out_dir`; returns the manifest.
+
+    `num_workers=0` decodes in this process.
+    """
+    annotations = load_annotations(annotations_path)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = _open_manifest(out_dir, Manifest(
+        annotations=os.path.abspath(annotations_path), video_root=os.path.abspath(video_root),
+        settings=dataclasses.asdict(settings), num_annotations=len(annotations), shard_size=shard_size, split=split))
+    todo = [i for i in range(manifest.num_shards) if i not in manifest.shards]
+    tasks = [annotations[k] for i in todo for k in manifest.shard_range(i)]
+    logging.info("predecode: %d annotations, %d of %d shards to write", len(annotations), len(todo),
+                 manifest.num_shards)
+    work = functools.partial(_encode_or_fail, video_root=video_root, settings=settings)
+    with _ordered_map(work, tasks, num_workers) as results, \
+            tqdm.tqdm(total=len(tasks), desc="predecode", unit="video", disable=not progress) as bar:
+        for shard in todo:
+            name = shard_filename(shard, manifest.num_shards, split)
+            writer = ShardWriter(os.path.join(out_dir, name))
+            failures = []
+            for _ in manifest.shard_range(shard):
+                result = next(results)
+                if isinstance(result, bytes):
+                    writer.write(result)
+                else:
+                    logging.warning("skipping %s (line %d): %s", result["id"], result["line"], result["error"])
+                    failures.append(result)
+                bar.update()
+            manifest.shards[shard] = ShardInfo(file=name, num_records=writer.num_records,
+                                               num_bytes=writer.commit(), failures=failures)
+            manifest.save(out_dir)
+    manifest.save(out_dir)
+    write_dataset_info(out_dir, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _ordered_map(work: Callable[[Annotation], Any], tasks: Sequence[Annotation],
+                 num_workers: int) -> Iterator[Iterator[Any]]:
+    """The results of `work` on `tasks` in order, from a spawned process pool or inline."""
+    if num_workers <= 0 or not tasks:
+        yield map(work, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+        yield pool.imap(work, tasks, chunksize=1)

@@ -1,0 +1,118 @@
+"""Shard files and the manifest of a pre-decoded dataset directory.
+
+A directory written by `launch/predecode.py` holds, for dataset `video_qa_frames` and split `train`:
+
+    video_qa_frames-train.array_record-00000-of-00012   ArrayRecord shards of `data.records` (TFDS naming)
+    manifest.json                                      settings, per-shard record counts and failures
+    failures.jsonl                                     one line per video that could not be decoded
+    dataset_info.json, features.json                   TFDS metadata, written once every shard is done
+
+A shard is written under a temporary name and renamed when complete, then recorded in the manifest, so
+a shard listed there is whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from array_record.python.array_record_module import ArrayRecordWriter
+
+DATASET_NAME = "video_qa_frames"
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+WRITER_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: cheap random access
+
+
+def shard_filename(index: int, num_shards: int, split: str = "train") -> str:
+    """TFDS's default file name of shard `index` of `num_shards`."""
+    return f"{DATASET_NAME}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
+
+
+class ShardWriter:
+    """Appends serialised records to `<path>.tmp`; `commit` renames it to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._tmp = path + ".tmp"
+        self._writer = ArrayRecordWriter(self._tmp, WRITER_OPTIONS)
+        self.num_records = 0
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+        self.num_records += 1
+
+    def commit(self) -> int:
+        """Closes and renames the file; returns its size in bytes."""
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return os.path.getsize(self.path)
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    file: str
+    num_records: int
+    num_bytes: int
+    failures: list[dict[str, Any]]  # {"id", "video", "line", "error"} per skipped annotation
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What a dataset directory was made from, and which shards are done."""
+
+    annotations: str
+    video_root: str
+    settings: dict[str, Any]  # decoding settings: fps, frame and pixel bounds
+    num_annotations: int
+    shard_size: int
+    split: str = "train"
+    shards: dict[int, ShardInfo] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_annotations // self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.num_shards
+
+    def shard_range(self, index: int) -> range:
+        """Indices of the annotations that go into shard `index`."""
+        return range(index * self.shard_size, min((index + 1) * self.shard_size, self.num_annotations))
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [f for i in sorted(self.shards) for f in self.shards[i].failures]
+
+    def save(self, out_dir: str) -> None:
+        """Writes manifest.json and failures.jsonl atomically."""
+        d = dataclasses.asdict(self)
+        d["shards"] = {str(i): d["shards"][i] for i in sorted(self.shards)}
+        d["dataset_name"], d["num_shards"], d["complete"] = DATASET_NAME, self.num_shards, self.complete
+        _write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(d, indent=1))
+        _write_atomic(os.path.join(out_dir, FAILURES), "".join(json.dumps(f) + "\n" for f in self.failures()))
+
+    @classmethod
+    def load(cls, out_dir: str) -> "Manifest":
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            d = json.load(f)
+        shards = {int(i): ShardInfo(**s) for i, s in d.pop("shards").items()}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields}, shards=shards)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def shard_paths(out_dir: str) -> list[str]:
+    """Paths of all shards of a completed dataset directory, in order."""
+    manifest = Manifest.load(out_dir)
+    if not manifest.complete:
+        raise ValueError(f"{out_dir}: only {len(manifest.shards)} of {manifest.num_shards} shards are done; "
+                         "run launch/predecode.py again to finish it")
+    return [os.path.join(out_dir, manifest.shards[i].file) for i in range(manifest.num_shards)]
