@@ -153,3 +153,19 @@ def test_predecode_resumes_without_redoing_finished_shards(dataset, tmp_path):
     predecode(ann, str(d / "src"), str(out), SETTINGS, shard_size=2, progress=False)
     assert os.stat(out / first).st_mtime_ns == stamp
     assert Manifest.load(str(out)).complete
+
+
+def test_tfds_data_source_reads_the_same_records(dataset):
+    import tensorflow_datasets as tfds
+
+    from data.records import decode_record
+    d, ann = dataset
+    source = tfds.builder_from_directory(str(d / "frames")).as_data_source("train")
+    assert len(source) == len(load_annotations(ann))
+    import grain
+    raw = grain.sources.ArrayRecordDataSource(shard_paths(str(d / "frames")))
+    for i in range(len(source)):
+        ours, theirs = decode_record(raw[i]), source[i]
+        assert theirs["id"].decode() == ours["id"]
+        np.testing.assert_array_equal(theirs["frames"], ours["frames"])
+        np.testing.assert_array_equal(theirs["grid_thw"], ours["grid_thw"])
