@@ -40,23 +40,36 @@ def maybe_initialize_distributed(c: Any) -> None:
         jax.distributed.initialize()
 
 
+def make_tokenizer(config: Any, model_cfg):
+    """`data.tokenizer`, else the tokenizer.json of `model.init_from`, else bytes with the model's special ids."""
+    from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
+    path = config.data.tokenizer or config.model.init_from
+    if path and (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
+        return load_tokenizer(path)
+    if config.data.tokenizer:
+        raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r}: no tokenizer.json there")
+    return ByteTokenizer(model_cfg.text.vocab_size)
+
+
 def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
-    """This process's host batches (each process draws its own rows: batch_size / process_count)."""
+    """This process's host batches (each process draws its own rows: batch_size / process_count).
+
+    "synthetic": `SyntheticBatches`; "shards": the Grain pipeline (`data/pipeline.py`) over the pre-decoded
+    ArrayRecord shards in `data.shards_dir`. Both iterators have get_state / set_state.
+    """
     d = config.data
-    per_process = d.batch_size // jax.process_count()
-    if d.source == "records":
-        from data import pipeline
+    per_process, count = d.batch_size // jax.process_count(), jax.process_count()
+    if d.source == "synthetic":
+        return SyntheticBatches(model_cfg, batch_size=per_process, seq_len=d.seq_len,
+                                video_grid=tuple(d.video_grid), max_patches=d.max_patches // count,
+                                seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps))
+    if d.source == "shards":
+        from data.pipeline import batches
         from data.shards import shard_paths
-        from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
-        tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else ByteTokenizer(model_cfg.text.vocab_size)
-        return pipeline.batches(shard_paths(d.records_dir), model_cfg, tokenizer, batch_size=per_process,
-                                seq_len=d.seq_len, max_patches=d.max_patches // jax.process_count(), seed=d.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
-    if d.source != "synthetic":
-        raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'records'")
-    return SyntheticBatches(model_cfg, batch_size=per_process, seq_len=d.seq_len, video_grid=tuple(d.video_grid),
-                            max_patches=d.max_patches // jax.process_count(),
-                            seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps))
+        return batches(shard_paths(d.shards_dir), model_cfg, make_tokenizer(config, model_cfg),
+                       batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count, seed=d.seed,
+                       process_index=jax.process_index(), process_count=count)
+    raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'shards'")
 
 
 class StopSignal:
