@@ -103,8 +103,8 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     freeze = [f for f in t.freeze.split(",") if f]
     tx = make_optimizer(params, learning_rate=schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, freeze=freeze)
-    abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
-                                                   jnp.zeros((), jnp.int32)), params)
+    fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
+    abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
     data = make_data(config, model_cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
@@ -122,8 +122,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
         data.set_state(data_state)
         log.warning("resumed from %s", ckpt.step_dir(resume))
     else:
-        state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32)),
-                        out_shardings=shardings)(params)
+        state = jax.jit(fresh, out_shardings=shardings)(params)
     del params
     steps = StepFunctions(graphdef, tx, mesh, loss_chunk=t.loss_chunk).compile(shardings)
 
