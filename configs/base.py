@@ -16,9 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
                                            gate_temperature=0.3, impl="auto")),
     ))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # "synthetic" (nsa_jax.training.synthetic_data) or "records" (data/pipeline.py)
-        records_dir="",  # records: a launch/predecode.py output directory
-        tokenizer="",  # records: an HF tokenizer directory; "" = the byte-level fallback
+        source="synthetic",  # "synthetic" (nsa_jax.training.synthetic_data) or "shards" (data/pipeline.py)
+        shards_dir="",  # shards: a launch/predecode.py output directory
+        tokenizer="",  # shards: an HF tokenizer directory; "" = model.init_from's, else the byte-level fallback
         batch_size=8,  # global rows per micro-batch
         seq_len=128,
         video_grid=(2, 4, 4),  # synthetic: (t, h, w) patches of each row's video
