@@ -61,7 +61,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: SelectionC
 
 
 def _probs(s, lse):
-    finite = jnp.isfinite(lse)[:, None]
+    finite = (lse > -jnp.inf)[:, None]
     return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
 
 

@@ -23,7 +23,8 @@ CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mo
     "videonsa_6x2_f32_ragged": (jnp.float32, 1, 53, 6, 2, 16, 16, 8, 7, VIDEONSA, None),
     "videonsa_g7_bf16_packed": (jnp.bfloat16, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA, (32, 48)),
 }
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # relative L2 error
+# Relative L2 error. On GPU float32 products run as tf32 (Triton's default, and XLA's for the oracle).
+TOL = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 3e-3, jnp.bfloat16: 2e-2}
 
 
 def _inputs(seed, b, t, hq, hkv, d, dtype):
@@ -79,12 +80,13 @@ def test_masked_flash_branches_and_lse(kind):
         want, want_lse = compression_attention(expand_heads(q, layout), k, v, block_size=bs,
                                                causal=kind == "cmp_causal", segment_ids=seg)
     o, lse = jax.jit(lambda *a: masked_flash(cfg, *a))(q, *keys, lo, hi)
-    np.testing.assert_allclose(o, want, atol=2e-6)
+    atol = 2e-6 if jax.default_backend() == "cpu" else 2e-2
+    np.testing.assert_allclose(o, want, atol=atol)
     if want_lse is not None:
         got_lse = np.asarray(lse).transpose(0, 2, 1)
         assert (np.isfinite(got_lse) == np.isfinite(want_lse)).all()
         np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
-                                   np.where(np.isfinite(want_lse), want_lse, 0), atol=2e-6)
+                                   np.where(np.isfinite(want_lse), want_lse, 0), atol=atol)
 
 
 def test_mosaic_interpret_masked_flash():
@@ -98,4 +100,5 @@ def test_mosaic_interpret_masked_flash():
     cfg = MaskedFlashConfig("window", hq, hq, hq, d ** -0.5, window=8, block_q=16, block_k=16)
     with interpret_with(pltpu.InterpretParams()):
         o, _ = masked_flash(cfg, q, k, v, lo, hi)
-    np.testing.assert_allclose(o, window_attention(q, k, v, window_size=8), atol=2e-6)
+    atol = 2e-6 if jax.default_backend() == "cpu" else 2e-2  # the oracle runs in tf32 on GPU
+    np.testing.assert_allclose(o, window_attention(q, k, v, window_size=8), atol=atol)

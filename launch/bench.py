@@ -1,0 +1,180 @@
+"""NSA attention benchmark: our Pallas NSA vs cuDNN dense causal (JAX) vs fla-core `parallel_nsa` with the
+VideoNSA 64-padded heads (torch), one table from one run.
+
+  python -m launch.bench --seq_lens=8192,16384,32768,65536,131072 --heads=28 --kv_heads=4 --head_dim=128 \
+      --passes=fwd,fwd_bwd --out=bench.json
+
+Times are medians of `--iters` timed calls after warm-up (JAX: host clock around `block_until_ready`;
+torch: CUDA events). TFLOP/s count the attention FLOPs each method really does (4 * D per query-key pair
+and head; backward counted as 2.5x forward): dense causal T(T+1)/2 pairs; NSA the compressed blocks seen,
+the selected keys and the window keys (the top-k scoring pass not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels import nsa_attention
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seq_lens", ["8192", "16384", "32768", "65536", "131072"], "sequence lengths")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("heads", 28, "query heads")
+flags.DEFINE_integer("kv_heads", 4, "KV heads")
+flags.DEFINE_integer("head_dim", 128, "head dim")
+flags.DEFINE_integer("block_size", 64, "NSA block size")
+flags.DEFINE_integer("block_count", 32, "NSA selected blocks")
+flags.DEFINE_integer("window_size", 256, "NSA sliding window")
+flags.DEFINE_enum("mode", "native", ["native", "videonsa"], "NSA mode of our kernels")
+flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and / or fwd_bwd")
+flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
+flags.DEFINE_integer("iters", 5, "timed calls (median)")
+flags.DEFINE_integer("warmup", 2, "untimed calls first")
+flags.DEFINE_string("out", "", "write the results as JSON here")
+
+
+def _flops_fwd(method: str, t: int) -> float:
+    b, h, d = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+    bs, s, w = FLAGS.block_size, FLAGS.block_count, FLAGS.window_size
+    i = np.arange(t, dtype=np.float64)
+    if method == "cudnn":
+        pairs = t * (t + 1) / 2
+    else:
+        cmp = np.maximum((i + 1) // bs, 1) if FLAGS.mode == "native" or method == "fla" else np.ceil(t / bs) - i // bs
+        slc = np.minimum(s, i // bs + 1) * bs
+        swa = np.minimum(w, i + 1) if method == "nsa" else 0
+        heads_ratio = 64 / h if method == "fla" else (2.0 if FLAGS.mode == "videonsa" else 1.0)
+        pairs = (cmp.sum() + slc.sum() + np.sum(swa)) * heads_ratio
+    return 4.0 * d * b * h * pairs
+
+
+def _time_jax(fn, *args) -> float:
+    for _ in range(FLAGS.warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(FLAGS.iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _jax_inputs(t: int):
+    b, hq, hkv, d = FLAGS.batch, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
+    ks = jax.random.split(jax.random.key(t), 7)
+    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.bfloat16)
+    gates = [jax.nn.sigmoid(jax.random.normal(kk, (b, t, hq))).astype(jnp.bfloat16) for kk in ks[3:6]]
+    return q, k, v, gates, jax.random.normal(ks[6], (b, t, hq, d), jnp.bfloat16)
+
+
+def _nsa_fn():
+    kw = dict(block_size=FLAGS.block_size, block_count=FLAGS.block_count, window_size=FLAGS.window_size,
+              impl="pallas")
+    if FLAGS.mode == "videonsa":
+        kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla")
+    return lambda q, k, v, gc, gs, gw: nsa_attention(q, k, v, gc, gs, gw, **kw)
+
+
+def _cudnn_fn():
+    return lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _time_jax_method(make, t: int, passes: str) -> float:
+    q, k, v, gates, w = _jax_inputs(t)
+    f = make()
+    if passes == "fwd":
+        return _time_jax(jax.jit(f), q, k, v, *gates)
+    loss = lambda *a: (f(*a).astype(jnp.float32) * w).sum()
+    return _time_jax(jax.jit(jax.grad(loss, argnums=tuple(range(6)))), q, k, v, *gates)
+
+
+def _time_fla(t: int, passes: str) -> float:
+    """fla-core parallel_nsa (compression + selection, as VideoNSA calls it minus the window) with VideoNSA's
+    padded heads: [q, q, zeros] = 64 heads over the KV heads."""
+    import torch
+    from fla.ops.nsa import parallel_nsa
+
+    b, hq, hkv, d = FLAGS.batch, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
+    gp = 1 << (-(-2 * hq // hkv) - 1).bit_length()
+    hp = gp * hkv
+    dev = torch.device("cuda")
+    torch.manual_seed(t)
+    q = torch.randn(b, t, hq, d, device=dev, dtype=torch.bfloat16)
+    qp = torch.cat([q, q, torch.zeros(b, t, hp - 2 * hq, d, device=dev, dtype=q.dtype)], 2).requires_grad_()
+    k = torch.randn(b, t, hkv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, t, hkv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g_cmp, g_slc = (torch.rand(b, t, hp, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(b, t, hp, d, device=dev, dtype=torch.bfloat16)
+
+    def run():
+        o = parallel_nsa(qp, k, v, g_cmp, g_slc, None, block_counts=FLAGS.block_count,
+                         block_size=FLAGS.block_size, window_size=0)
+        if passes == "fwd_bwd":
+            o.backward(do)
+
+    ctx = torch.enable_grad() if passes == "fwd_bwd" else torch.no_grad()
+    with ctx:
+        for _ in range(FLAGS.warmup):
+            run()
+        times = []
+        for _ in range(FLAGS.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    rows = []
+    device = str(jax.devices()[0].device_kind)
+    for t in map(int, FLAGS.seq_lens):
+        for passes in FLAGS.passes:
+            row = {"T": t, "pass": passes}
+            for method in FLAGS.methods:
+                try:
+                    if method == "nsa":
+                        ms = _time_jax_method(_nsa_fn, t, passes)
+                    elif method == "cudnn":
+                        ms = _time_jax_method(_cudnn_fn, t, passes)
+                    else:
+                        ms = _time_fla(t, passes)
+                except Exception as e:  # noqa: BLE001 - a method that cannot run is reported, not fatal
+                    row[method] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(f"T={t} {passes} {method}: {row[method]['error']}", flush=True)
+                    continue
+                flops = _flops_fwd(method, t) * (3.5 if passes == "fwd_bwd" else 1.0)
+                row[method] = {"ms": ms, "tflops": flops / ms / 1e9}
+                print(f"T={t} {passes} {method}: {ms:.2f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+            rows.append(row)
+            if FLAGS.out:
+                with open(FLAGS.out, "w") as f:
+                    json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows}, f, indent=1,
+                              default=str)
+    print(f"\ndevice: {device}, mode {FLAGS.mode}, B={FLAGS.batch} HQ={FLAGS.heads} HKV={FLAGS.kv_heads} "
+          f"D={FLAGS.head_dim} bs={FLAGS.block_size} S={FLAGS.block_count} W={FLAGS.window_size}, bf16")
+    header = "| T | pass | " + " | ".join(f"{m} ms (TFLOP/s)" for m in FLAGS.methods) + " | cudnn/nsa | fla/nsa |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    for row in rows:
+        cells = [f"{row[m]['ms']:.2f} ({row[m]['tflops']:.0f})" if "ms" in row.get(m, {}) else "n/a"
+                 for m in FLAGS.methods]
+        ratio = lambda m: (f"{row[m]['ms'] / row['nsa']['ms']:.2f}x"
+                           if "ms" in row.get(m, {}) and "ms" in row.get("nsa", {}) else "n/a")
+        print(f"| {row['T']} | {row['pass']} | " + " | ".join(cells) + f" | {ratio('cudnn')} | {ratio('fla')} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
