@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
         shards_dir="",  # shards: a launch/predecode.py output directory
         tokenizer="",  # shards: an HF tokenizer directory; "" = model.init_from's, else the byte-level fallback
         batch_size=8,  # global rows per micro-batch
+        samples_per_row=1,  # shards: samples packed into one row (segment ids keep them apart)
         seq_len=128,
         video_grid=(2, 4, 4),  # synthetic: (t, h, w) patches of each row's video
         max_patches=256,  # pixel rows per micro-batch after padding

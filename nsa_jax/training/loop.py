@@ -67,8 +67,9 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
         from data.pipeline import batches
         from data.shards import shard_paths
         return batches(shard_paths(d.shards_dir), model_cfg, make_tokenizer(config, model_cfg),
-                       batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count, seed=d.seed,
-                       process_index=jax.process_index(), process_count=count)
+                       batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count,
+                       samples_per_row=d.samples_per_row, seed=d.seed, process_index=jax.process_index(),
+                       process_count=count)
     raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'shards'")
 
 
