@@ -4,15 +4,21 @@
       --max_frames=550 --max_pixels=50176 --num_workers=8 --shard_size=64]
 
 Re-running with the same --out_dir finishes an interrupted run without redoing finished shards. Unreadable
-videos are logged, listed in the manifest and skipped; a malformed annotation stops the run with its line.
+videos are logged, listed in failures.jsonl and skipped; a malformed annotation stops the run, before any
+decoding, with its file and line. The directory is also a TFDS dataset (see data/tfds_builder.py).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 
+from data.annotations import AnnotationError
 from data.decode import DecodeSettings
 from data.predecode import predecode
+from data.shards import FAILURES
 
 D = DecodeSettings()
 flags.DEFINE_string("annotations", None, "Annotation file (JSON list or JSONL).")
@@ -33,10 +39,14 @@ def main(argv) -> None:
     del argv
     settings = DecodeSettings(fps=FLAGS.fps, min_frames=FLAGS.min_frames, max_frames=FLAGS.max_frames,
                               min_pixels=FLAGS.min_pixels, max_pixels=FLAGS.max_pixels)
-    manifest = predecode(FLAGS.annotations, FLAGS.video_root, FLAGS.out_dir, settings,
-                         shard_size=FLAGS.shard_size, num_workers=FLAGS.num_workers)
-    failed = [f for s in manifest.shards.values() for f in s.failures]
-    print(f"{FLAGS.out_dir}: {manifest.num_shards} shards, {len(failed)} unreadable videos skipped")
+    try:
+        manifest = predecode(FLAGS.annotations, FLAGS.video_root, FLAGS.out_dir, settings,
+                             shard_size=FLAGS.shard_size, num_workers=FLAGS.num_workers)
+    except AnnotationError as e:
+        sys.exit(f"error: {e}")
+    records = sum(s.num_records for s in manifest.shards.values())
+    print(f"{FLAGS.out_dir}: {records} records in {manifest.num_shards} shards; "
+          f"{len(manifest.failures())} unreadable videos skipped (listed in {os.path.join(FLAGS.out_dir, FAILURES)})")
 
 
 if __name__ == "__main__":
