@@ -72,21 +72,30 @@ class NSAAttention(DenseAttention):
         return o_nsa + o_dense
 
     def _native(self, x, q, k, v, ctx: TokenContext) -> jax.Array:
-        if ctx.segment_ids is not None:
-            raise NotImplementedError("nsa mode 'native' with packed samples (segment_ids) needs each sample's "
-                                      "vision run aligned to the NSA block size; pack one sample per row")
         vision = ctx.vision_mask  # [B, T]
         gates = jax.nn.sigmoid(self.gate_logits(x))
         # Vision tokens first, in order: NSA runs over them as one contiguous sequence. The text rows moved
-        # behind them are never visible to a vision query (causality), so no segment ids are needed.
+        # behind them are never visible to a vision query (causality). With segment ids, each sample's vision
+        # run is its own NSA segment; the kernels require every segment to start at a multiple of the block
+        # size, which holds for one sample per row (`check_native_packing` refuses more).
         order = jnp.argsort(~vision, axis=1, stable=True)
         inverse = jnp.argsort(order, axis=1)
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
-        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), None,
+        seg = None if ctx.segment_ids is None else nsa_segments(take(ctx.segment_ids, order))
+        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg,
                           videonsa=False)
         o_nsa = take(o_nsa, inverse)
-        o_dense = dense_attention(q, k, v, causal=True, kv_valid=ctx.kv_valid, implementation=self.implementation)
+        o_dense = dense_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid,
+                                  implementation=self.implementation)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
+
+
+def check_native_packing(mode: str, samples_per_row: int) -> None:
+    """Mode "native" packs one sample per row for now: its gathered vision runs must be block aligned."""
+    if mode == "native" and samples_per_row > 1:
+        raise ValueError(f"nsa mode 'native' with samples_per_row={samples_per_row}: packing several samples "
+                         "into a row is supported in mode 'videonsa' only (native NSA segments must start at "
+                         "block multiples); use samples_per_row=1")
 
 
 def nsa_segments(segment_ids: jax.Array | None) -> jax.Array | None:

@@ -180,3 +180,22 @@ def test_gradients_reach_the_gates(mode):
     assert len(gate_grads) == 4 * cfg.text.num_hidden_layers  # kernel + bias of both gate layers
     for name, g in gate_grads.items():
         assert np.isfinite(g).all() and np.abs(g).max() > 0, (mode, name)
+
+
+def test_native_with_one_sample_per_row_and_padding_equals_unpadded():
+    """Segment ids of one sample + trailing padding (the pipeline's rows) give the unpacked outputs."""
+    from nsa_jax.videonsa import check_native_packing
+    model = _native_model(seed=4)
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    ids = _tokens(cfg, rng, grid=(2, 4, 6), text=(3, 2))
+    n = ids.shape[1]
+    padded = np.concatenate([ids, np.full((1, 9), 256)], 1)
+    seg = np.concatenate([np.ones((1, n), np.int32), np.zeros((1, 9), np.int32)], 1)
+    pos, _ = get_rope_index(padded, cfg, video_grid_thw=[[2, 4, 6]], second_per_grid_ts=[1.0])
+    full = np.asarray(model.forward(jnp.asarray(padded), jnp.asarray(pos), segment_ids=jnp.asarray(seg)))
+    alone = np.asarray(model.forward(jnp.asarray(ids), jnp.asarray(pos[:, :, :n])))
+    np.testing.assert_allclose(full[:, :n], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="samples_per_row=2"):
+        check_native_packing("native", 2)
+    check_native_packing("videonsa", 2)

@@ -58,6 +58,8 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
     ArrayRecord shards in `data.shards_dir`. Both iterators have get_state / set_state.
     """
     d = config.data
+    from nsa_jax.videonsa import check_native_packing
+    check_native_packing(config.model.nsa.mode, d.get("samples_per_row", 1))
     per_process, count = d.batch_size // jax.process_count(), jax.process_count()
     if d.source == "synthetic":
         return SyntheticBatches(model_cfg, batch_size=per_process, seq_len=d.seq_len,
