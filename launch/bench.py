@@ -38,6 +38,8 @@ flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_list("topk_chunks", ["512"], "token chunk sizes of the top-k to time in the breakdown")
+flags.DEFINE_bool("breakdown", False, "also time each stage of our forward (native mode) separately")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -136,6 +138,44 @@ def _time_fla(t: int, passes: str) -> float:
     return statistics.median(times)
 
 
+def _breakdown(t: int) -> dict:
+    """Forward milliseconds of each stage of our NSA (native mode): compression, window, top-k, selection."""
+    from pallas_kernels.layout import head_layout
+    from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
+    from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile
+    from pallas_kernels.reference import mean_pool
+    from pallas_kernels.segments import segment_bounds
+    from pallas_kernels.selection import SelectionConfig, selection_attention
+    from pallas_kernels.topk import select_blocks_chunked
+
+    q, k, v, _, _ = _jax_inputs(t)
+    b, _, hq, d = q.shape
+    bs, scale = FLAGS.block_size, d ** -0.5
+    layout = head_layout("gqa", hq, k.shape[2])
+    lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
+    heads = dict(num_q_heads=hq, virtual_heads=hq, group_size=layout.group_size, scale=scale)
+    kc32 = mean_pool(k, bs)
+    bk, bq = _tile(kc32.shape[1]), _tile(t)
+    kc, vc = (_pad_to(x.astype(q.dtype), 1, -(-x.shape[1] // bk) * bk) for x in (kc32, mean_pool(v, bs)))
+    cmp_cfg = MaskedFlashConfig("cmp_causal", block_size=bs, block_q=bq, block_k=bk, **heads)
+    swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
+    _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
+    lse = lse[:, :, :t]
+    topks = {int(c): jax.jit(lambda q_, kc_, lse_, c=int(c): select_blocks_chunked(
+        q_, kc_, lse_, lo, hi, layout=layout, block_size=bs, block_count=FLAGS.block_count, tie_break="recent",
+        causal=True, scale=scale, chunk=c)) for c in FLAGS.topk_chunks}
+    idx = next(iter(topks.values()))(q, kc32, lse)
+    rows = np.asarray(_group_rows(layout))
+    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
+    return {
+        "compression": _time_jax(jax.jit(lambda *a: masked_flash(cmp_cfg, *a)), q, kc, vc, lo, hi),
+        "window": _time_jax(jax.jit(lambda *a: masked_flash(swa_cfg, *a)), q, k, v, lo, hi),
+        **{f"topk_chunk{c}": _time_jax(f, q, kc32, lse) for c, f in topks.items()},
+        "selection": _time_jax(jax.jit(lambda *a: selection_attention(SelectionConfig(bs, scale), *a)),
+                               q_rows, k, v, idx),
+    }
+
+
 def main(argv):
     del argv
     rows = []
@@ -158,6 +198,9 @@ def main(argv):
                 flops = _flops_fwd(method, t) * (3.5 if passes == "fwd_bwd" else 1.0)
                 row[method] = {"ms": ms, "tflops": flops / ms / 1e9}
                 print(f"T={t} {passes} {method}: {ms:.2f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+            if FLAGS.breakdown and passes == "fwd":
+                row["breakdown_ms"] = _breakdown(t)
+                print(f"T={t} fwd stages (ms): {row['breakdown_ms']}", flush=True)
             rows.append(row)
             if FLAGS.out:
                 with open(FLAGS.out, "w") as f:
