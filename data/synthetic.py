@@ -115,7 +115,9 @@ def write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "20", "preset": "veryfast"}
+        # One thread and a constant quantiser: x264's threads and rate-control lookahead vary the bytes.
+        stream.codec_context.thread_count = 1
+        stream.options = {"qp": "20", "preset": "veryfast"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))

@@ -202,3 +202,25 @@ def test_tfds_reads_the_shards(source, frames_dir, tmp_path):
             np.testing.assert_array_equal(got["grid_thw"], want["grid_thw"])
             assert [v.decode() for v in got["conversations"]["value"]] == [
                 t["value"] for t in want["conversations"]]
+
+
+def test_tfds_builder_prepares_from_a_manual_directory(tmp_path):
+    pytest.importorskip("importlib_resources", reason="TFDS's download_and_prepare needs importlib_resources")
+    import tensorflow_datasets as tfds
+
+    from data.decode import make_record
+    from data.tfds_builder import VideoQaFrames
+    manual = tmp_path / "manual"
+    ann = generate(manual, num_videos=2, seed=6, frames_range=(20, 24))
+    (manual / "videos" / "broken.mp4").write_bytes(b"\0" * 100)
+    entries = json.loads((manual / "annotations.json").read_text())
+    entries.append(entries[0] | {"id": "broken", "video": "videos/broken.mp4"})
+    (manual / "annotations.json").write_text(json.dumps(entries))
+    builder = VideoQaFrames(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    source = builder.as_data_source("train")
+    got = {source[i]["id"].decode(): source[i]["frames"] for i in range(len(source))}
+    good = [a for a in load_annotations(ann) if a.id != "broken"]
+    assert sorted(got) == sorted(a.id for a in good)  # the broken video is skipped
+    for a in good:
+        np.testing.assert_array_equal(got[a.id], make_record(a, str(manual), DecodeSettings())["frames"])
