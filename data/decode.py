@@ -69,7 +69,10 @@ def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[int
             if count == 0:
                 start = time
             if count in wanted:
-                kept[count] = (time - start, transform(frame.to_ndarray(format="rgb24")))
+                try:
+                    kept[count] = (time - start, transform(frame.to_ndarray(format="rgb24")))
+                except ValueError as e:  # e.g. an aspect ratio smart_resize refuses
+                    raise VideoDecodeError(f"{path}: frame {count}: {e}") from e
             count += 1
     return count, kept
 
@@ -93,6 +96,9 @@ def read_video(path: str, sampler: FrameSampler, transform: FrameTransform = lam
             raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"{path}: {e}") from e
+    shapes = {kept[i][1].shape for i in kept}
+    if len(shapes) > 1:
+        raise VideoDecodeError(f"{path}: the frame size changes within the video {sorted(shapes)}")
     frames = np.stack([kept[i][1] for i in indices.tolist()])
     times = np.array([kept[i][0] for i in indices.tolist()], np.float32)
     return SampledFrames(frames=frames, timestamps=times, fps=sample_fps, total_frames=total, video_fps=fps)

@@ -50,9 +50,11 @@ class VideoQaFrames(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, annotations_path: str, video_root: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for annotation in load_annotations(annotations_path):
             try:
-                yield f"{annotation.line}:{annotation.id}", make_record(annotation, video_root, DecodeSettings())
+                record = make_record(annotation, video_root, DecodeSettings())
             except VideoDecodeError as e:
                 logging.warning("skipping %s (line %d): %s", annotation.id, annotation.line, e)
+                continue
+            yield f"{annotation.line}:{annotation.id}", record
 
 
 def write_dataset_info(out_dir: str, manifest: Manifest) -> None:

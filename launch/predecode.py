@@ -29,7 +29,7 @@ flags.DEFINE_integer("min_frames", D.min_frames, "Fewest frames sampled.")
 flags.DEFINE_integer("max_frames", D.max_frames, "Most frames sampled.")
 flags.DEFINE_integer("min_pixels", D.min_pixels, "Fewest pixels per frame.")
 flags.DEFINE_integer("max_pixels", D.max_pixels, "Most pixels per frame.")
-flags.DEFINE_integer("num_workers", 0, "Decoding processes (0: in this process).")
+flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "Decoding processes (0: in this process).")
 flags.DEFINE_integer("shard_size", 64, "Videos per shard.")
 flags.mark_flags_as_required(["annotations", "video_root", "out_dir"])
 FLAGS = flags.FLAGS
