@@ -29,30 +29,26 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    from data.decode import read_video
-    from nsa_jax import from_pretrained, get_rope_index, processing
+    from nsa_jax import from_pretrained, get_rope_index
     from nsa_jax.analysis import analyze, plot
     from nsa_jax.chat import encode_chat
+    from nsa_jax.inputs import eval_tokenizer, read_video_inputs
     from nsa_jax.model import VisionInput
-    from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
     from nsa_jax.vision import vision_layout
 
     model = from_pretrained(FLAGS.model)
     cfg = model.config
-    tok_dir = FLAGS.tokenizer or (FLAGS.model if os.path.exists(os.path.join(FLAGS.model, "tokenizer.json"))
-                                  else None)
-    tokenizer = load_tokenizer(tok_dir) if tok_dir else ByteTokenizer(cfg.text.vocab_size)
-    sampler = lambda total, fps: processing.sample_frame_indices(total, fps, fps=FLAGS.fps, min_frames=2,
-                                                                  max_frames=FLAGS.max_frames)
-    frames = read_video(FLAGS.video, sampler).frames
-    pixels, grid, spg = processing.preprocess_video(frames, FLAGS.fps, max_pixels=FLAGS.max_pixels)
+    tokenizer = eval_tokenizer(FLAGS.model, cfg, FLAGS.tokenizer)
+    vision = read_video_inputs(FLAGS.video, fps=FLAGS.fps, min_frames=2, max_frames=FLAGS.max_frames,
+                               min_pixels=3136, max_pixels=FLAGS.max_pixels)
+    grid = vision.video_grid_thw
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": FLAGS.question}]}]
     ids, _ = encode_chat(tokenizer, messages, video_grid_thw=grid, add_generation_prompt=True)
     ids = np.asarray(ids)[None]
-    pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=[spg])
-    videos = VisionInput(np.asarray(pixels), vision_layout(grid, cfg.vision))
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=vision.second_per_grid_ts)
+    videos = VisionInput(np.asarray(vision.pixel_values_videos), vision_layout(grid, cfg.vision))
     summary = analyze(model, ids, pos, videos, epsilon=FLAGS.epsilon)
-    summary.update(video=FLAGS.video, model=FLAGS.model, frames=int(len(frames)), grid_thw=grid[0].tolist())
+    summary.update(video=FLAGS.video, model=FLAGS.model, grid_thw=np.asarray(grid)[0].tolist())
     os.makedirs(FLAGS.out, exist_ok=True)
     with open(os.path.join(FLAGS.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from nsa_jax.inputs import eval_tokenizer, read_video_inputs
+
 flags.DEFINE_string("model", None, "HF or Orbax checkpoint directory.")
 flags.DEFINE_string("questions", None, "Questions: JSON list or JSONL (see nsa_jax/qa.py).")
 flags.DEFINE_string("video_root", "", "Directory the questions' video paths are relative to.")
@@ -43,36 +45,6 @@ flags.DEFINE_integer("process_id", None, "jax.distributed process id (with --coo
 flags.DEFINE_integer("limit", None, "Only the first N questions.")
 flags.mark_flags_as_required(["model", "questions"])
 FLAGS = flags.FLAGS
-
-
-def eval_tokenizer(model_dir: str, config, tokenizer_dir: str | None = None):
-    """The HF tokenizer of --tokenizer or the model directory, else a byte-level one with the config's vision ids."""
-    from nsa_jax.tokenizer import (ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
-                                   ByteTokenizer, load_tokenizer)
-
-    tok_dir = tokenizer_dir or (model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None)
-    if tok_dir:
-        return load_tokenizer(tok_dir)
-    vision = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,
-              IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id}
-    free = (i for i in range(256, config.text.vocab_size) if i not in vision.values())
-    return ByteTokenizer(config.text.vocab_size, {ENDOFTEXT: next(free), IM_START: next(free), IM_END: next(free),
-                                                  **vision})
-
-
-def read_video_inputs(path: str, *, fps: float, min_frames: int, max_frames: int, min_pixels: int,
-                      max_pixels: int):
-    """Frames of a video decoded with PyAV at `fps`, resized and patchified: a `VisionPrompt`."""
-    from data.decode import read_video
-    from nsa_jax import processing
-    from nsa_jax.generate import VisionPrompt
-
-    sampler = lambda total, video_fps: processing.sample_frame_indices(total, video_fps, fps=fps,
-                                                                        min_frames=min_frames, max_frames=max_frames)
-    sampled = read_video(path, sampler)
-    pixels, grid, spg = processing.preprocess_video(sampled.frames, sampled.fps, min_pixels=min_pixels,
-                                                    max_pixels=max_pixels)
-    return VisionPrompt(pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[spg])
 
 
 def answer(model, tokenizer, vision, text: str, *, max_new_tokens: int, method: str = "auto") -> str:
