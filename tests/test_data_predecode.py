@@ -205,7 +205,6 @@ def test_tfds_reads_the_shards(source, frames_dir, tmp_path):
 
 
 def test_tfds_builder_prepares_from_a_manual_directory(tmp_path):
-    pytest.importorskip("importlib_resources", reason="TFDS's download_and_prepare needs importlib_resources")
     import tensorflow_datasets as tfds
 
     from data.decode import make_record
