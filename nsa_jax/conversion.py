@@ -195,31 +195,25 @@ def save_hf(model: Qwen25VL, path: str, *, dtype=None, layout: str | None = None
     config = model.config
     layout = layout or config.hf_key_layout
     os.makedirs(path, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
+    shard: dict[str, np.ndarray] = {}
     weight_map: dict[str, str] = {}
     files: list[str] = []
 
     def flush() -> None:
-        nonlocal size
-        if not shards[-1]:
-            return
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update({k: name for k in shards[-1]})
-        shards[-1] = {}
-        size = 0
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard.clear()
 
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _hf_name(p)
         array = np.asarray(jax.device_get(var[...]))
         if dtype is not None:
             array = array.astype(dtype)
-        array = np.ascontiguousarray(_to_hf(name, array, config))
-        shards[-1][_to_layout(name, layout)] = array
-        size += array.nbytes
-        if size >= shard_bytes:
+        shard[_to_layout(name, layout)] = np.ascontiguousarray(_to_hf(name, array, config))
+        if sum(a.nbytes for a in shard.values()) >= shard_bytes:
             flush()
     flush()
     if len(files) == 1:
