@@ -18,7 +18,6 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-import numpy as np
 from absl import app, flags, logging
 
 from nsa_jax.inputs import eval_tokenizer, read_video_inputs

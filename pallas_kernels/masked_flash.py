@@ -166,7 +166,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref,
 
 def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi):
     b, tp, hq, d = q.shape
-    n, hkv = k.shape[1], k.shape[2]
+    n = k.shape[1]
     nq, nk, hv, g = tp // cfg.block_q, n // cfg.block_k, cfg.virtual_heads, cfg.group_size
     bq = cfg.block_q
     return pl.pallas_call(

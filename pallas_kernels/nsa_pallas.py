@@ -42,7 +42,7 @@ def _group_rows(layout: HeadLayout) -> np.ndarray:
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
                window_size: int, segment_ids, causal_compression: bool, tie_break: str, scale):
     b, t, hq, d = q.shape
-    hkv, hv, bs = k.shape[2], layout.virtual_heads, block_size
+    hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
     seg = default_segments(b, t) if segment_ids is None else segment_ids
     lo, hi = segment_bounds(seg)

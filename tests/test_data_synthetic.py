@@ -27,7 +27,7 @@ def synth(tmp_path_factory):
 
 def test_same_seed_same_data(synth, tmp_path):
     root, ann = synth
-    again = generate(tmp_path, num_videos=6, seed=11, frames_range=(60, 90))
+    generate(tmp_path, num_videos=6, seed=11, frames_range=(60, 90))
     for name in ("annotations.json", "questions.json"):
         with open(os.path.join(root, name)) as f, open(tmp_path / name) as g:
             assert json.load(f) == json.load(g)
