@@ -38,8 +38,10 @@ flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_list("topk_chunks", ["512"], "token chunk sizes of the top-k to time in the breakdown")
-flags.DEFINE_bool("breakdown", False, "also time each stage of our forward (native mode) separately")
+flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
+                  "forward+backward")
+flags.DEFINE_list("selection_configs", ["1:4:2"], "breakdown: selection kernel settings to time, each "
+                  "kv_major:num_warps:num_stages (the first is the one the full NSA uses)")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -142,11 +144,10 @@ def _breakdown(t: int) -> dict:
     """Forward milliseconds of each stage of our NSA (native mode): compression, window, top-k, selection."""
     from pallas_kernels.layout import head_layout
     from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-    from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile
+    from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
     from pallas_kernels.selection import SelectionConfig, selection_attention
-    from pallas_kernels.topk import select_blocks_chunked
 
     q, k, v, _, _ = _jax_inputs(t)
     b, _, hq, d = q.shape
@@ -160,20 +161,35 @@ def _breakdown(t: int) -> dict:
     cmp_cfg = MaskedFlashConfig("cmp_causal", block_size=bs, block_q=bq, block_k=bk, **heads)
     swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
     _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
-    lse = lse[:, :, :t]
-    topks = {int(c): jax.jit(lambda q_, kc_, lse_, c=int(c): select_blocks_chunked(
-        q_, kc_, lse_, lo, hi, layout=layout, block_size=bs, block_count=FLAGS.block_count, tie_break="recent",
-        causal=True, scale=scale, chunk=c)) for c in FLAGS.topk_chunks}
-    idx = next(iter(topks.values()))(q, kc32, lse)
+    topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
+        q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count,
+        tie_break="recent", causal=True, scale=scale, block_q=bq))
+    kc32 = _pad_to(kc32, 1, kc.shape[1])
+    idx = topk(q, kc32, lse)
     rows = np.asarray(_group_rows(layout))
     q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
-    return {
-        "compression": _time_jax(jax.jit(lambda *a: masked_flash(cmp_cfg, *a)), q, kc, vc, lo, hi),
-        "window": _time_jax(jax.jit(lambda *a: masked_flash(swa_cfg, *a)), q, k, v, lo, hi),
-        **{f"topk_chunk{c}": _time_jax(f, q, kc32, lse) for c, f in topks.items()},
-        "selection": _time_jax(jax.jit(lambda *a: selection_attention(SelectionConfig(bs, scale), *a)),
-                               q_rows, k, v, idx),
+    def fwd_bwd(f, *args):
+        """Time of forward + backward of f's first output for its first three arguments."""
+        loss = lambda *a: f(*a)[0].astype(jnp.float32).sum()
+        return _time_jax(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
+
+    cmp = lambda *a: masked_flash(cmp_cfg, *a)
+    swa = lambda *a: masked_flash(swa_cfg, *a)
+    times = {
+        "compression": _time_jax(jax.jit(cmp), q, kc, vc, lo, hi),
+        "compression_fwd_bwd": fwd_bwd(cmp, q, kc, vc, lo, hi),
+        "window": _time_jax(jax.jit(swa), q, k, v, lo, hi),
+        "window_fwd_bwd": fwd_bwd(swa, q, k, v, lo, hi),
+        "topk": _time_jax(topk, q, kc32, lse),
     }
+    for n, spec in enumerate(FLAGS.selection_configs):
+        kv_major, warps, stages = (int(x) for x in spec.split(":"))
+        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major))
+        slc = lambda *a, cfg=cfg: selection_attention(cfg, *a, idx)
+        times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v)
+        if n == 0:
+            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v)
+    return times
 
 
 def main(argv):

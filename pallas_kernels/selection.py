@@ -21,8 +21,21 @@ from pallas_kernels.backend import call_options, dot
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
+    """block_size, scale: NSA's. The rest tunes the per-token kernels (forward, dq): Triton warps and
+    pipeline stages, and the grid order: KV head outermost (`kv_major`) keeps one head's K / V hot in L2."""
+
     block_size: int
     scale: float
+    num_warps: int = 4
+    num_stages: int = 2
+    kv_major: bool = True
+
+
+def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
+    """Grid and index-map adapter of the per-token kernels: maps (i, t, h) block indices to the grid order."""
+    if cfg.kv_major:
+        return (b, hkv, tp), lambda f: (lambda i, h, t: f(i, t, h))
+    return (b, tp, hkv), lambda f: f
 
 
 def _online_softmax_step(carry, s, v):
@@ -45,7 +58,7 @@ def _block_scores(cfg, q, k_ref, blk, token):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: SelectionConfig, n_sel: int):
-    token = pl.program_id(1)
+    token = pl.program_id(2 if cfg.kv_major else 1)
     q = q_ref[...]
 
     def body(j, carry):
@@ -67,7 +80,7 @@ def _probs(s, lse):
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
                n_sel: int):
-    token = pl.program_id(1)
+    token = pl.program_id(2 if cfg.kv_major else 1)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
     def body(j, dq):
@@ -107,17 +120,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, d
 def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
     b, tp, hkv, gr, d = q_rows.shape
     n_sel, tk = idx.shape[-1], k.shape[1]
-    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
-    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    grid, order = _token_grid(cfg, b, tp, hkv)
+    rows = pl.BlockSpec((None, None, None, gr, d), order(lambda i, t, h: (i, t, h, 0, 0)))
+    whole_kv = pl.BlockSpec((None, tk, None, d), order(lambda i, t, h: (i, 0, h, 0)))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, n_sel=n_sel),
-        grid=(b, tp, hkv),
-        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0))],
-        out_specs=[rows, pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))],
+        grid=grid,
+        in_specs=[rows, whole_kv, whole_kv,
+                  pl.BlockSpec((None, None, None, n_sel), order(lambda i, t, h: (i, t, h, 0)))],
+        out_specs=[rows, pl.BlockSpec((None, None, None, gr), order(lambda i, t, h: (i, t, h, 0)))],
         out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
                    jax.ShapeDtypeStruct((b, tp, hkv, gr), jnp.float32)],
         name="nsa_selection_fwd",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q_rows, k, v, idx)
 
 
@@ -137,18 +152,20 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
     n_sel, tk = idx.shape[-1], k.shape[1]
     nb = tk // cfg.block_size
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
-    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
-    row_scalars = pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))
-    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    grid, order = _token_grid(cfg, b, tp, hkv)
+    rows = pl.BlockSpec((None, None, None, gr, d), order(lambda i, t, h: (i, t, h, 0, 0)))
+    row_scalars = pl.BlockSpec((None, None, None, gr), order(lambda i, t, h: (i, t, h, 0)))
+    whole_kv = pl.BlockSpec((None, tk, None, d), order(lambda i, t, h: (i, 0, h, 0)))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
-        grid=(b, tp, hkv),
-        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0)),
+        grid=grid,
+        in_specs=[rows, whole_kv, whole_kv,
+                  pl.BlockSpec((None, None, None, n_sel), order(lambda i, t, h: (i, t, h, 0))),
                   rows, row_scalars, row_scalars],
         out_specs=rows,
         out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
         name="nsa_selection_dq",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q_rows, k, v, idx, do, lse, delta)
     tokens, offsets = inverted_index(idx, nb)
     all_rows = pl.BlockSpec((None, tp, None, gr, d), lambda i, h, j: (i, 0, h, 0, 0))

@@ -1,4 +1,5 @@
-"""Block importance and top-k for the kernel path, over chunks of tokens.
+"""Block importance and fla's top-k network (mode videonsa, tie_break "fla") for the kernel path, in jnp over
+chunks of tokens. (The "recent" rule has a fused Pallas kernel: `topk_fused.py`.)
 
 Scores are computed for `chunk` tokens at a time (`lax.map`), so [B, T, H, NB] is never held at once: at
 128K tokens the whole importance tensor would be gigabytes. Rows are virtual heads (`layout.py`); in the
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.layout import HeadLayout
-from pallas_kernels.topk_rules import fla_topk, recent_topk
+from pallas_kernels.topk_rules import fla_topk
 
 
 def _visible_blocks(pos, lo, hi, block_size: int, causal: bool):
@@ -23,8 +24,8 @@ def _visible_blocks(pos, lo, hi, block_size: int, causal: bool):
     return -(-hi // block_size) - pos // block_size
 
 
-def select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size: int, block_count: int,
-                          tie_break: str, causal: bool, scale: float, chunk: int = 512) -> jax.Array:
+def fla_select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size: int,
+                              block_count: int, causal: bool, scale: float, chunk: int = 512) -> jax.Array:
     """Chosen blocks [B, T, HKV, block_count] int32 (-1 = empty).
 
     q [B, T, HQ, D]; k_cmp [B, NB, HKV, D] block means; lse [B, Hv, T] of the compression branch; lo, hi
@@ -56,8 +57,6 @@ def select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_si
             imp = imp + jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)[:, :, None, None] * zero_rows[:, None]
         cur = jnp.broadcast_to((pos // block_size)[None, :, None], (b, chunk, hkv))
         first = jnp.broadcast_to((loc // block_size)[:, :, None], (b, chunk, hkv))
-        if tie_break == "recent":
-            return recent_topk(imp, cur, first, block_count=block_count)
         rel = jnp.minimum(jnp.arange(nb) + first[..., None], nb - 1)
         shifted = jnp.take_along_axis(imp, rel, axis=-1)
         out = fla_topk(shifted, cur - first, group_size=g, block_count=block_count, chunk=block_size)

@@ -10,8 +10,10 @@ from pallas_kernels import nsa_attention
 from pallas_kernels.backend import interpret_with
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-from pallas_kernels.reference import compression_attention, expand_heads, mean_pool, window_attention
+from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
+                                      select_blocks, window_attention)
 from pallas_kernels.segments import segment_bounds
+from pallas_kernels.topk_fused import select_blocks_fused
 
 VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla")
 
@@ -87,6 +89,49 @@ def test_masked_flash_branches_and_lse(kind):
         assert (np.isfinite(got_lse) == np.isfinite(want_lse)).all()
         np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
                                    np.where(np.isfinite(want_lse), want_lse, 0), atol=atol)
+
+
+TOPK_CASES = {  # name: (b, t, hq, hkv, block_size, block_count, layout, causal, block_q, segments, zero_q)
+    "gqa_g2_ragged": (1, 300, 4, 2, 16, 5, "gqa", True, 64, None, False),
+    "gqa_g7_query_tile_spans_blocks": (1, 200, 7, 1, 8, 4, "gqa", True, 32, None, False),
+    "gqa_packed": (2, 256, 4, 2, 16, 3, "gqa", True, 64, (64, 192), False),
+    "gqa_count_exceeds_blocks": (1, 96, 2, 1, 16, 12, "gqa", True, 32, None, False),
+    "gqa_ties_zero_queries": (1, 300, 4, 2, 16, 5, "gqa", True, 64, None, True),
+    "videonsa_layout_noncausal": (1, 200, 6, 2, 16, 8, "videonsa", False, 64, None, False),
+    "videonsa_layout_ties": (1, 160, 6, 2, 16, 3, "videonsa", False, 32, (64, 96), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOPK_CASES))
+def test_fused_topk_matches_oracle_selection(name):
+    """The fused importance + top-k kernel chooses the oracle's block set ("recent" rule) for every token,
+    including exact ties (zero queries), padded zero heads, segments and block_count > blocks."""
+    b, t, hq, hkv, bs, count, kind, causal, bq, seg_lens, zero_q = TOPK_CASES[name]
+    d = 16
+    layout = head_layout(kind, hq, hkv)
+    (q, k, *_), _ = _inputs(len(name), b, t, hq, hkv, d, jnp.float32)
+    q = jnp.zeros_like(q) if zero_q else q
+    seg = jnp.zeros((b, t), jnp.int32) if seg_lens is None else jnp.asarray(
+        [np.repeat(np.arange(len(seg_lens)), seg_lens)] * b, jnp.int32)
+    qe = expand_heads(q, layout)
+    _, lse = compression_attention(qe, k, k, block_size=bs, causal=causal, segment_ids=seg)
+    imp = block_importance(qe, k, lse, block_size=bs, segment_ids=seg)
+    want = select_blocks(imp, block_size=bs, block_count=count, tie_break="recent",
+                         group_size=layout.group_size, segment_ids=seg)
+
+    tp = -(-t // max(bq, bs)) * max(bq, bs)
+    lo, hi = segment_bounds(seg)
+    pad_t = lambda x, value: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    kc = mean_pool(k, bs)
+    kc = jnp.pad(kc, ((0, 0), (0, -kc.shape[1] % 16), (0, 0), (0, 0)))
+    lse_rows = pad_t(lse[:, :, :layout.virtual_heads], -jnp.inf).transpose(0, 2, 1)  # [B, Hv, Tp]
+    got = jax.jit(lambda *a: select_blocks_fused(
+        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=d ** -0.5, block_q=bq))(
+        pad_t(q, 0.0), kc, lse_rows, pad_t(lo, t), pad_t(hi, tp))[:, :t]
+    width = got.shape[-1]
+    assert width == 1 << (count - 1).bit_length()
+    want = np.pad(np.asarray(want), [(0, 0)] * 3 + [(0, width - want.shape[-1])], constant_values=-1)
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))
 
 
 def test_mosaic_interpret_masked_flash():
