@@ -185,10 +185,10 @@ def _breakdown(t: int) -> dict:
     for n, spec in enumerate(FLAGS.selection_configs):
         kv_major, warps, stages = (int(x) for x in spec.split(":"))
         cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major))
-        slc = lambda *a, cfg=cfg: selection_attention(cfg, *a, idx)
-        times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v)
+        slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
+        times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
         if n == 0:
-            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v)
+            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v, idx)
     return times
 
 

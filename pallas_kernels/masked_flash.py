@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.backend import call_options, ceil_div, dot
 
 MASK_KINDS = ("cmp_causal", "cmp_full", "window")
+_DKV_QUERY_SPLITS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +134,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, 
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cfg: MaskedFlashConfig, nq: int):
+                cfg: MaskedFlashConfig, nq: int, n_split: int):
     bq, bk = cfg.block_q, cfg.block_k
-    kv, k0 = pl.program_id(1), pl.program_id(2) * bk
+    kv, k0, split = pl.program_id(1), pl.program_id(2) * bk, pl.program_id(3)
     k, v = k_ref[...], v_ref[...]
     cols = k0 + jnp.arange(bk)[None, :]
     first_q, last_q = _query_tiles(cfg, k0, nq)
+    per_split = ceil_div(last_q - first_q, n_split)  # this program's share of the query tiles
+    first_q = first_q + split * per_split
+    last_q = jnp.minimum(first_q + per_split, last_q)
     first_v = kv * cfg.group_size
     last_v = jnp.minimum(first_v + cfg.group_size, cfg.virtual_heads)
 
@@ -207,18 +211,23 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
         name=f"nsa_{cfg.kind}_dq",
         **call_options(),
     )(q, k, v, lo, hi, do, lse, delta)
-    whole = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, t: (i,) + (0,) * len(shape))
-    key = pl.BlockSpec((None, bk, None, d), lambda i, h, t: (i, t, h, 0))
+    # A compressed key is seen by all later queries: split that long query range over n_split programs
+    # (partial dk / dv summed after) so that the grid fills the GPU. Window keys see a few query tiles.
+    n_split = 1 if cfg.kind == "window" else min(nq, _DKV_QUERY_SPLITS)
+    whole = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, t, s: (i,) + (0,) * len(shape))
+    key = pl.BlockSpec((None, bk, None, d), lambda i, h, t, s: (i, t, h, 0))
+    partial = pl.BlockSpec((None, None, bk, None, d), lambda i, h, t, s: (s, i, t, h, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, nq=nq),
-        grid=(b, hkv, nk),
+        functools.partial(_dkv_kernel, cfg=cfg, nq=nq, n_split=n_split),
+        grid=(b, hkv, nk, n_split),
         in_specs=[whole(tp, hq, d), key, key, whole(tp), whole(tp), whole(tp, hv, d), whole(hv, tp),
                   whole(hv, tp)],
-        out_specs=[key, key],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        out_specs=[partial, partial],
+        out_shape=[jax.ShapeDtypeStruct((n_split,) + k.shape, jnp.float32)] * 2,
         name=f"nsa_{cfg.kind}_dkv",
         **call_options(),
     )(q, k, v, lo, hi, do, lse, delta)
+    dk, dv = dk.sum(0), dv.sum(0)
     dq = dq.reshape(b, tp, hv // hq, hq, d).sum(2)  # the copies of a query head ("videonsa": two)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -56,18 +56,21 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, hi_ref, out_ref, *, layout: HeadLayo
     n_real = jnp.clip(hv - h * gv, 0, gv)
     n_vis = _visible_blocks(pos, lo, hi, bs, causal).astype(jnp.float32)
     zero_term = jnp.where(n_vis > 0, (gv - n_real).astype(jnp.float32) / jnp.maximum(n_vis, 1.0), 0.0)
-    rows = [(jnp.minimum(h * gv + g, hv - 1), h * gv + g < hv) for g in range(gv)]
+
+    def head(g, imp, kc):
+        """Adds row h * Gv + g's probabilities (a padded row past the real ones adds nothing)."""
+        v = jnp.minimum(h * gv + g, hv - 1)
+        lse = jnp.where(h * gv + g < hv, lse_ref[v, :], -jnp.inf)
+        s = dot(q_ref[:, v % hq, :].astype(jnp.float32), kc, trans_b=True) * scale
+        finite = (lse > -jnp.inf)[:, None]
+        return imp + jnp.where(finite, jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
 
     def tile(t, carry):
         vals, idx = carry
         kc = kc_ref[pl.ds(t * block_k, block_k), :]
         cols = t * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        imp = jnp.zeros((block_q, block_k), jnp.float32) + zero_term[:, None]
-        for v, ok in rows:  # q and lse reloaded per tile: G resident [BQ, D] tiles would not fit registers
-            lse = jnp.where(ok, lse_ref[v, :], -jnp.inf)
-            s = dot(q_ref[:, v % hq, :].astype(jnp.float32), kc, trans_b=True) * scale
-            finite = (lse > -jnp.inf)[:, None]
-            imp += jnp.where(finite, jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+        imp = jax.lax.fori_loop(0, gv, functools.partial(head, kc=kc),
+                                jnp.zeros((block_q, block_k), jnp.float32) + zero_term[:, None])
         past = (cols >= first[:, None]) & (cols < cur[:, None])
         cand = jnp.where(cols == cur[:, None], jnp.inf, jnp.where(past, imp, -jnp.inf))
         carry = jax.lax.while_loop(lambda c: c[4] > 0, _insert_round, (cand, cols, vals, idx, jnp.int32(1)))
