@@ -40,7 +40,7 @@ flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
                   "forward+backward")
-flags.DEFINE_list("selection_configs", ["1:4:2"], "breakdown: selection kernel settings to time, each "
+flags.DEFINE_list("selection_configs", ["0:4:2"], "breakdown: selection kernel settings to time, each "
                   "kv_major:num_warps:num_stages (the first is the one the full NSA uses)")
 
 

@@ -84,6 +84,17 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+        """Runs the layers as one `lax.scan` when they share a structure (one compiled layer, one copy of
+        each attention kernel: compile time does not grow with depth), else one after the other."""
+        parts = [nnx.split(layer) for layer in self.layers]
+        graphdef = parts[0][0]
+        if len(parts) == 1 or any(g != graphdef for g, _ in parts[1:]):
+            for layer in self.layers:
+                x = layer(x, ctx)
+            return self.norm(x)
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in parts))
+
+        def body(h, state):
+            return nnx.merge(graphdef, state)(h, ctx), None
+
+        return self.norm(jax.lax.scan(body, x, stacked)[0])
