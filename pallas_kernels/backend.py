@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 _INTERPRET = contextvars.ContextVar("nsa_pallas_interpret", default=None)
+_PLATFORM = contextvars.ContextVar("nsa_pallas_platform", default=None)
 
 
 @contextlib.contextmanager
@@ -22,12 +23,23 @@ def interpret_with(params):
         _INTERPRET.reset(token)
 
 
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Kernels traced inside take `platform`'s options ("gpu" / "tpu") whatever the default backend, e.g. to
+    lower for an abstract H100 on a CPU-only machine (`jax.sharding.use_abstract_mesh`)."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
 def call_options(num_warps: int = 4, num_stages: int = 2) -> dict:
     """Keyword arguments of `pl.pallas_call` for the default backend."""
     forced = _INTERPRET.get()
     if forced is not None:
         return dict(interpret=forced)
-    p = jax.default_backend()
+    p = _PLATFORM.get() or jax.default_backend()
     if p in ("gpu", "cuda", "rocm"):
         from jax.experimental.pallas import triton as plgpu
         return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
