@@ -87,7 +87,8 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     rows = _group_rows(layout)  # [HKV, GR]
     q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
                        qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))
-    o_rows, _ = selection_attention(SelectionConfig(bs, scale), q_rows, kp, vp, idx)
+    o_rows, _ = selection_attention(SelectionConfig(bs, scale, rows_per_token=layout.group_size), q_rows, kp,
+                                      vp, idx)
     vrows = np.arange(hv)
     o_slc = o_rows[:, :, vrows // layout.group_size, vrows % layout.group_size]  # [B, Tp, Hv, D]
 

@@ -16,19 +16,22 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, dot
+from pallas_kernels.backend import call_options, ceil_div, dot
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-    """block_size, scale: NSA's. The rest tunes the per-token kernels (forward, dq): Triton warps and
-    pipeline stages, and the grid order (`kv_major`: KV head outermost; measured slower on the H100)."""
+    """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
+    all), the only rows the dk / dv kernel gathers. num_warps, num_stages, kv_major tune the per-token
+    kernels (forward, dq): Triton warps, pipeline stages and the grid order (KV head outermost; measured
+    slower on the H100)."""
 
     block_size: int
     scale: float
     num_warps: int = 4
     num_stages: int = 2
     kv_major: bool = False
+    rows_per_token: int | None = None
 
 
 def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
@@ -94,25 +97,34 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cfg: SelectionConfig):
+                cfg: SelectionConfig, padded_rows: int, group_rows: int, tile_rows: int):
+    """dk, dv of one KV block from the rows of the tokens that chose it, gathered `tile_rows` at a time: the
+    first `group_rows` of each token's `padded_rows` rows (no padding rows), for tile_rows // group_rows
+    tokens per step. Row refs are flat: row `token * padded_rows + g`."""
     blk = pl.program_id(2)
-    bs = cfg.block_size
     k, v = k_ref[...], v_ref[...]
-    cols = blk * bs + jnp.arange(bs)[None, :]
+    cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
+    first, last = offsets_ref[blk], offsets_ref[blk + 1]
+    per_step = tile_rows // group_rows
+    r = jnp.arange(tile_rows)
+    slot_in_step, g = r // group_rows, r % group_rows
 
-    def body(n, carry):
+    def body(step, carry):
         dk, dv = carry
-        token = tokens_ref[n]
-        q, do = q_ref[token], do_ref[token]
-        lse, delta = lse_ref[token], delta_ref[token]
-        s = jnp.where(cols <= token, dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+        slot = first + step * per_step + slot_in_step
+        ok = (slot < last) & (slot_in_step < per_step)  # rows past the last token repeat it, with p = 0
+        token = tokens_ref[jnp.minimum(slot, last - 1)]
+        rows = token * padded_rows + g
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lse, delta = jnp.where(ok, lse_ref[rows], -jnp.inf), jnp.where(ok, delta_ref[rows], 0.0)
+        s = jnp.where(cols <= token[:, None], dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
         p = _probs(s, lse)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(offsets_ref[blk], offsets_ref[blk + 1], body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, ceil_div(last - first, per_step), body, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -168,11 +180,14 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
         **call_options(cfg.num_warps, cfg.num_stages),
     )(q_rows, k, v, idx, do, lse, delta)
     tokens, offsets = inverted_index(idx, nb)
-    all_rows = pl.BlockSpec((None, tp, None, gr, d), lambda i, h, j: (i, 0, h, 0, 0))
-    all_scalars = pl.BlockSpec((None, tp, None, gr), lambda i, h, j: (i, 0, h, 0))
+    group_rows = cfg.rows_per_token or gr
+    flat = lambda x: x.swapaxes(1, 2).reshape(b, hkv, tp * gr, *x.shape[4:])  # [B, HKV, Tp * GR, ...]
+    all_rows = pl.BlockSpec((None, None, tp * gr, d), lambda i, h, j: (i, h, 0, 0))
+    all_scalars = pl.BlockSpec((None, None, tp * gr), lambda i, h, j: (i, h, 0))
     block = pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
+        functools.partial(_dkv_kernel, cfg=cfg, padded_rows=gr, group_rows=group_rows,
+                          tile_rows=max(64, 1 << (group_rows - 1).bit_length())),
         grid=(b, hkv, nb),
         in_specs=[all_rows, block, block, pl.BlockSpec((None, None, tp * n_sel), lambda i, h, j: (i, h, 0)),
                   pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)), all_rows, all_scalars,
@@ -181,7 +196,7 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
         out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
         name="nsa_selection_dkv",
         **call_options(),
-    )(q_rows, k, v, tokens, offsets, do, lse, delta)
+    )(flat(q_rows), k, v, tokens, offsets, flat(do), flat(lse), flat(delta))
     return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
