@@ -10,7 +10,7 @@ from flax import nnx
 
 from nsa_jax.attention import dense_attention
 from nsa_jax.config import ModelConfig, TextConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear
+from nsa_jax.layers import GatedMLP, RMSNorm, linear, run_blocks
 from nsa_jax.rope import apply_rotary
 
 
@@ -84,17 +84,4 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
-        """Runs the layers as one `lax.scan` when they share a structure (one compiled layer, one copy of
-        each attention kernel: compile time does not grow with depth), else one after the other."""
-        parts = [nnx.split(layer) for layer in self.layers]
-        graphdef = parts[0][0]
-        if len(parts) == 1 or any(g != graphdef for g, _ in parts[1:]):
-            for layer in self.layers:
-                x = layer(x, ctx)
-            return self.norm(x)
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in parts))
-
-        def body(h, state):
-            return nnx.merge(graphdef, state)(h, ctx), None
-
-        return self.norm(jax.lax.scan(body, x, stacked)[0])
+        return self.norm(run_blocks(self.layers, x, lambda layer, h: layer(h, ctx)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -55,3 +57,19 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, call: Callable[[nnx.Module, jax.Array], jax.Array]
+               ) -> jax.Array:
+    """x through `call(block, x)` for each block in order: one `lax.scan` over the stacked parameters when
+    the blocks share a structure (one compiled block: compile time does not grow with depth), else a loop."""
+    parts = [nnx.split(block) for block in blocks]
+    if not parts:
+        return x
+    graphdef = parts[0][0]
+    if len(parts) == 1 or any(g != graphdef for g, _ in parts[1:]):
+        for block in blocks:
+            x = call(block, x)
+        return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in parts))
+    return jax.lax.scan(lambda h, state: (call(nnx.merge(graphdef, state), h), None), x, stacked)[0]

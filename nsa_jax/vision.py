@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import VisionConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear
+from nsa_jax.layers import GatedMLP, RMSNorm, linear, run_blocks
 from nsa_jax.rope import rotate_half
 
 
@@ -175,7 +175,12 @@ class VisionTower(nnx.Module):
         freqs = freqs.reshape(freqs.shape[0], -1)
         emb = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        for i, blk in enumerate(self.blocks):
-            seg = layout.frame_segments if i in cfg.fullatt_block_indexes else layout.window_segments
-            x = blk(x, cos, sin, seg)
+        # Runs of consecutive blocks with the same attention (windows / whole frames), each run one scan.
+        full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
+        start = 0
+        for end in range(1, len(full) + 1):
+            if end == len(full) or full[end] != full[start]:
+                seg = layout.frame_segments if full[start] else layout.window_segments
+                x = run_blocks(self.blocks[start:end], x, lambda blk, h, seg=seg: blk(h, cos, sin, seg))
+                start = end
         return self.merger(x)[layout.reverse_index]
