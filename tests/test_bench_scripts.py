@@ -1,0 +1,32 @@
+"""The two benchmark scripts run end to end on CPU (tiny shapes) and report self-consistent figures; the
+figures that matter are measured on the device (BENCHMARKS.md), never asserted here."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, "-m", *args, f"--out={out}"], check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def test_bench_train_reports_consistent_mfu(tmp_path):
+    r = _run(["launch.bench_train", "--config=configs/tiny.py", "--config.peak_flops_per_device=1e11",
+              "--steps=2", "--warmup=0"], tmp_path)
+    assert r["step_s"] > 0 and r["compile_s"] > 0 and r["tokens_per_step"] > r["vision_tokens"] > 0
+    assert abs(r["tokens_per_s"] * r["step_s"] - r["tokens_per_step"]) < 1e-6 * r["tokens_per_step"]
+    assert abs(r["mfu"] - r["model_tflops_per_step"] * 1e12 / r["step_s"] / 1e11) < 1e-9
+    assert r["last_loss"] < r["first_loss"]  # after two AdamW updates on one fixed batch
+
+
+def test_bench_nsa_table_and_breakdown(tmp_path):
+    r = _run(["launch.bench", "--seq_lens=128", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
+              "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--breakdown", "--iters=1",
+              "--warmup=0", "--selection_configs=0:4:2,1:2:2"], tmp_path)
+    (row,) = r["rows"]
+    assert row["T"] == 128 and row["nsa"]["ms"] > 0
+    stages = row["breakdown_ms"]
+    assert {"compression", "window", "topk", "selection[0:4:2]", "selection_fwd_bwd[0:4:2]",
+            "selection[1:2:2]"} <= set(stages)
