@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax.attention import dense_attention
+from nsa_jax.attention import dense_attention, dense_attention_rows
 from nsa_jax.config import ModelConfig
 from nsa_jax.language import DenseAttention, TokenContext
 from nsa_jax.layers import linear
@@ -27,6 +27,10 @@ def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
     """[B, T] bool: rows whose three mRoPE ids are not all equal (the released model's routing)."""
     t, h, w = position_ids[0], position_ids[1], position_ids[2]
     return ~((t == h) & (t == w))
+
+# Mode native: text queries take dense attention in chunks of this many rows; chunks of vision tokens only
+# (the NSA branch's) are skipped.
+DENSE_QUERY_CHUNK = 2048
 
 
 class NSAAttention(DenseAttention):
@@ -85,8 +89,8 @@ class NSAAttention(DenseAttention):
         o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg,
                           videonsa=False)
         o_nsa = take(o_nsa, inverse)
-        o_dense = dense_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid,
-                                  implementation=self.implementation)
+        o_dense = dense_attention_rows(q, k, v, ~vision, chunk=DENSE_QUERY_CHUNK, segment_ids=ctx.segment_ids,
+                                       kv_valid=ctx.kv_valid, implementation=self.implementation)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
 
 
