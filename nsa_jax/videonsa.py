@@ -28,6 +28,7 @@ def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
     t, h, w = position_ids[0], position_ids[1], position_ids[2]
     return ~((t == h) & (t == w))
 
+
 # Mode native: text queries take dense attention in chunks of this many rows; chunks of vision tokens only
 # (the NSA branch's) are skipped.
 DENSE_QUERY_CHUNK = 2048
