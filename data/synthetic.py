@@ -10,6 +10,9 @@ through real decoding), `out_dir/annotations.json` (LLaVA-Video-178K format: one
 multi-turn conversation with one question of each kind, each open-ended or multiple-choice at random) and
 `out_dir/questions.json` (every question in both forms, one item each, for evaluation:
 `{id, video, kind, form, question, options, answer}`; `options` is empty for open-ended items).
+Its keyword arguments set the video length and size, the shape's size and duration, the background's
+brightness, the question kinds and forms, and one single-question entry per video and kind instead of
+one conversation (the CPU demo's choices are in `launch/demo.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 
 import av
 import numpy as np
@@ -26,6 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 220, 40), "magenta": (220, 40, 220), "cyan": (40, 220, 220),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+KINDS = ("what", "colour", "when", "count")
 WHEN = ("at the beginning", "in the middle", "at the end")
 COUNTS = ("once", "twice", "three times", "four times")
 SIZES = ((64, 64), (64, 96), (96, 64), (80, 112), (112, 112))  # (height, width); even for yuv420p
@@ -64,11 +69,12 @@ def shape_mask(shape: str, height: int, width: int, centre: tuple[float, float],
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Grey frames [T, H, W, 3] uint8: two drifting sinusoidal gratings plus per-frame noise."""
+def _background(rng: np.random.Generator, num_frames: int, height: int, width: int,
+                level: float = 115.0) -> np.ndarray:
+    """Grey frames [T, H, W, 3] uint8 around grey `level`: two drifting sinusoidal gratings plus per-frame noise."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     t = np.arange(num_frames, dtype=np.float32)[:, None, None]
-    out = np.full((num_frames, height, width), 115.0, np.float32)
+    out = np.full((num_frames, height, width), level, np.float32)
     for _ in range(2):
         angle, freq, speed = rng.uniform(0, np.pi), rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.3)
         phase = freq * (x * np.cos(angle) + y * np.sin(angle))
@@ -77,7 +83,8 @@ def _background(rng: np.random.Generator, num_frames: int, height: int, width: i
     return np.repeat(np.clip(out, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
-def _sample_event(rng: np.random.Generator, num_frames: int, duration_range: tuple[int, int]) -> Event:
+def _sample_event(rng: np.random.Generator, num_frames: int, duration_range: tuple[int, int],
+                  radius_range: tuple[float, float] = (0.22, 0.3)) -> Event:
     duration = int(rng.integers(duration_range[0], duration_range[1] + 1))
     count = int(rng.integers(1, 4))
     third = int(rng.integers(0, 3))
@@ -93,16 +100,17 @@ def _sample_event(rng: np.random.Generator, num_frames: int, duration_range: tup
         if not candidates:  # a short video may not have room: fewer occurrences
             break
         starts.append(int(rng.choice(candidates)))
-    radius = float(rng.uniform(0.22, 0.3))
+    radius = float(rng.uniform(*radius_range))
     margin = radius + 0.05
     centre = (float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)))
     return Event(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(COLOURS))), starts=tuple(sorted(starts)),
                  duration=duration, when=WHEN[third], centre=centre, radius=radius)
 
 
-def render_video(rng: np.random.Generator, event: Event, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Frames [T, H, W, 3] uint8 of the background with the event drawn in."""
-    frames = _background(rng, num_frames, height, width)
+def render_video(rng: np.random.Generator, event: Event, num_frames: int, height: int, width: int,
+                 background_level: float = 115.0) -> np.ndarray:
+    """Frames [T, H, W, 3] uint8 of the background (mean grey `background_level`) with the event drawn in."""
+    frames = _background(rng, num_frames, height, width, background_level)
     mask = shape_mask(event.shape, height, width, event.centre, event.radius)
     for start in event.starts:
         frames[start:start + event.duration, mask] = COLOURS[event.colour]
@@ -151,36 +159,55 @@ def _multiple_choice(rng: np.random.Generator, question: str, options: tuple[str
 
 def generate(out_dir: str | os.PathLike, num_videos: int = 96, seed: int = 0, *,
              frames_range: tuple[int, int] = (240, 400), fps: int = 8,
-             duration_range: tuple[int, int] = (4, 6)) -> str:
+             duration_range: tuple[int, int] = (4, 6), sizes: Sequence[tuple[int, int]] = SIZES,
+             radius_range: tuple[float, float] = (0.22, 0.3), background_level: float = 115.0,
+             kinds: Sequence[str] = KINDS, open_fraction: float = 0.5, one_question_per_entry: bool = False) -> str:
     """Writes the videos, `annotations.json` and `questions.json`; returns the annotation path.
 
     Deterministic in `seed`: the same arguments give the same frames, events and questions.
-    `frames_range` bounds the frame count of a video (inclusive), `fps` its frame rate, and
-    `duration_range` how many frames one occurrence of the event lasts.
+    `frames_range` bounds the frame count of a video (inclusive), `fps` its frame rate,
+    `duration_range` how many frames one occurrence of the event lasts, `sizes` the (height, width)
+    frame sizes drawn from (even numbers), `radius_range` the shape's size (fraction of the shorter
+    side; a radius of 0.45 centres it) and `background_level` the background's mean grey (on a dark
+    one every colour is brighter than most of the background, so the shape's outline hardly depends on
+    its colour). `kinds` are the question kinds asked (of `KINDS`) and `open_fraction` the chance that
+    an annotated question is open-ended rather than multiple-choice (`questions.json` has both forms).
+    With `one_question_per_entry` the annotations hold one single-turn entry per video and kind (id
+    `<video id>_<kind>`) instead of one multi-turn conversation per video.
     """
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     annotations, questions = [], []
     for v in range(num_videos):
         num_frames = int(rng.integers(frames_range[0], frames_range[1] + 1))
-        height, width = SIZES[int(rng.integers(len(SIZES)))]
-        event = _sample_event(rng, num_frames, duration_range)
+        height, width = sizes[int(rng.integers(len(sizes)))]
+        event = _sample_event(rng, num_frames, duration_range, radius_range)
         name = f"videos/synth_{seed}_{v:04d}.mp4"
-        write_mp4(os.path.join(out_dir, name), render_video(rng, event, num_frames, height, width), fps)
+        frames = render_video(rng, event, num_frames, height, width, background_level)
+        write_mp4(os.path.join(out_dir, name), frames, fps)
         turns = []
         for kind, (question, answer, options) in _questions(event).items():
+            if kind not in kinds:
+                continue
             prompt, shuffled, letter = _multiple_choice(rng, question, options)
             base = f"synth_{seed}_{v:04d}_{kind}"
             questions.append({"id": f"{base}_open", "video": name, "kind": kind, "form": "open",
                               "question": question, "options": [], "answer": answer})
             questions.append({"id": f"{base}_mc", "video": name, "kind": kind, "form": "mc",
                               "question": prompt, "options": shuffled, "answer": letter})
-            turns += [question, answer] if rng.random() < 0.5 else [prompt, letter]
-        turns[0] = "<video>\n" + turns[0]
-        conversations = [{"from": "human" if i % 2 == 0 else "gpt", "value": text} for i, text in enumerate(turns)]
-        annotations.append({"id": f"synth_{seed}_{v:04d}", "video": name, "conversations": conversations,
-                            "event": dataclasses.asdict(event), "num_frames": num_frames, "fps": fps})
+            turns.append((kind, [question, answer] if rng.random() < open_fraction else [prompt, letter]))
+        groups = [([k], t) for k, t in turns] if one_question_per_entry else [([k for k, _ in turns],
+                                                                              [x for _, t in turns for x in t])]
+        for group_kinds, texts in groups:
+            texts = ["<video>\n" + texts[0], *texts[1:]]
+            conversations = [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+            suffix = f"_{group_kinds[0]}" if one_question_per_entry else ""
+            annotations.append({"id": f"synth_{seed}_{v:04d}{suffix}", "video": name, "conversations": conversations,
+                                "event": dataclasses.asdict(event), "num_frames": num_frames, "fps": fps})
     for name, items in (("annotations.json", annotations), ("questions.json", questions)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(items, f, indent=1)

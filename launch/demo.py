@@ -1,8 +1,14 @@
 """The README's main job on its embedded default (`make demo`), on CPU in minutes:
 
 synthetic needle videos (real mp4) -> predecode into ArrayRecord shards -> train a tiny VideoNSA (mode
-`native`) with launch/train's loop -> QA eval of the untrained and the trained model on held-out videos ->
-export to Hugging Face format -> reload check. Everything goes under --workdir; it prints where.
+`native`) with launch/train's loop -> export to Hugging Face format -> reload check -> QA eval of the
+untrained and the trained model on held-out videos (another seed). Everything goes under --workdir; it prints
+where.
+
+The set-up is chosen so that a model this small learns the needle's content within the time: short videos
+whose shape fills the frame for a few frames, one question per training sample with the loss on its short
+answer only, every batch exactly as many pixel rows as its videos have, and the question kinds (colour, shape)
+the evaluation asks, open-ended by default (--forms=open,mc adds multiple choice, scored by option letter).
 """
 
 from __future__ import annotations
@@ -19,14 +25,20 @@ from absl import app, flags
 
 flags.DEFINE_string("workdir", "runs/demo", "Where everything is written (the demo's own outputs of an earlier "
                     "run there are replaced).")
-flags.DEFINE_integer("train_videos", 64, "Synthetic training videos.")
-flags.DEFINE_integer("eval_videos", 8, "Held-out synthetic videos (other seed).")
-flags.DEFINE_integer("steps", 100, "Training steps.")
-flags.DEFINE_string("kinds", "colour,what", "Question kinds evaluated (what, colour, when, count).")
+flags.DEFINE_integer("train_videos", 1024, "Synthetic training videos (one sample per video and question kind).")
+flags.DEFINE_integer("eval_videos", 24, "Held-out synthetic videos (other seed).")
+flags.DEFINE_integer("steps", 500, "Training steps.")
+flags.DEFINE_string("kinds", "colour,what", "Question kinds trained and evaluated (what, colour, when, count).")
+flags.DEFINE_string("forms", "open", "Question forms trained and evaluated: open, mc or open,mc.")
 FLAGS = flags.FLAGS
 
-FPS, MAX_FRAMES, MIN_PIXELS, MAX_PIXELS = 4.0, 48, 3136, 4704
-SEQ_LEN, BATCH, MAX_PATCHES = 1024, 4, 4 * 1200
+# Every video: 32 frames of 56 x 56 at 8 fps, read at 4 fps -> 16 frames -> an (8, 4, 4) patch grid: 128 pixel
+# rows and 32 vision tokens. The shape fills most of the frame (radius 0.45, centred) on a dark background for
+# 6-8 frames (3-4 sampled frames) once to three times.
+VIDEO = {"frames_range": (32, 32), "fps": 8, "duration_range": (6, 8), "sizes": ((56, 56),),
+         "radius_range": (0.45, 0.45), "background_level": 50.0}
+FPS, MAX_FRAMES, MIN_PIXELS, MAX_PIXELS = 4.0, 16, 3136, 3136
+PATCHES_PER_VIDEO = 128
 
 
 def _step(title: str) -> float:
@@ -37,7 +49,7 @@ def _step(title: str) -> float:
 def _eval(model_dir: str, questions: str, video_root: str, out: str) -> dict:
     cmd = [sys.executable, "-m", "launch.eval", f"--model={model_dir}", f"--questions={questions}",
            f"--video_root={video_root}", f"--out={out}", f"--fps={FPS}", f"--max_frames={MAX_FRAMES}",
-           f"--min_pixels={MIN_PIXELS}", f"--max_pixels={MAX_PIXELS}", "--max_new_tokens=12"]
+           f"--min_pixels={MIN_PIXELS}", f"--max_pixels={MAX_PIXELS}", "--max_new_tokens=12", "--verbosity=-1"]
     subprocess.run(cmd, check=True)
     with open(out) as f:
         return json.load(f)
@@ -54,6 +66,8 @@ def _accuracy(results: dict) -> dict[str, float]:
 
 def main(argv) -> None:
     del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save and read at INFO
     import configs.demo
     from data.decode import DecodeSettings
     from data.predecode import predecode
@@ -68,11 +82,16 @@ def main(argv) -> None:
     t0 = time.perf_counter()
 
     t = _step("1/6 synthetic needle videos")
-    train_ann = generate(os.path.join(work, "videos_train"), FLAGS.train_videos, seed=0, frames_range=(64, 96))
-    generate(os.path.join(work, "videos_eval"), FLAGS.eval_videos, seed=1, frames_range=(64, 96))
-    kinds = set(FLAGS.kinds.split(","))
+    kinds, forms = FLAGS.kinds.split(","), set(FLAGS.forms.split(","))
+    if not forms or forms - {"open", "mc"}:
+        raise SystemExit(f"--forms={FLAGS.forms}: expected open, mc or open,mc")
+    open_fraction = 1.0 if forms == {"open"} else 0.0 if forms == {"mc"} else 0.5
+    # Training: one single-question sample per video and kind (seed 0); held-out: other videos (seed 1).
+    train_ann = generate(os.path.join(work, "videos_train"), FLAGS.train_videos, seed=0, kinds=kinds,
+                         open_fraction=open_fraction, one_question_per_entry=True, **VIDEO)
+    generate(os.path.join(work, "videos_eval"), FLAGS.eval_videos, seed=1, kinds=kinds, **VIDEO)
     with open(os.path.join(work, "videos_eval", "questions.json")) as f:
-        questions = [q for q in json.load(f) if q["kind"] in kinds]
+        questions = [q for q in json.load(f) if q["form"] in forms]
     eval_questions = os.path.join(work, "eval_questions.json")
     with open(eval_questions, "w") as f:
         json.dump(questions, f, indent=1)
@@ -82,15 +101,16 @@ def main(argv) -> None:
     records = os.path.join(work, "records")
     predecode(train_ann, os.path.join(work, "videos_train"), records,
               DecodeSettings(fps=FPS, min_frames=4, max_frames=MAX_FRAMES, min_pixels=MIN_PIXELS,
-                             max_pixels=MAX_PIXELS), shard_size=16)
+                             max_pixels=MAX_PIXELS), shard_size=256)
     print(f"shards in {records} ({time.perf_counter() - t:.0f} s)")
 
     t = _step("3/6 train a tiny VideoNSA on CPU")
     config = configs.demo.get_config()
     config.model.nsa.mode = "native"
-    config.data.update(source="shards", shards_dir=records, batch_size=BATCH, seq_len=SEQ_LEN,
-                       max_patches=MAX_PATCHES)
-    config.train.update(steps=FLAGS.steps, log_every=25)
+    # A multiple-choice prompt (question, four options, instruction) is up to 256 tokens, an open one 160.
+    config.data.update(source="shards", shards_dir=records, seq_len=272 if "mc" in forms else 192,
+                       max_patches=config.data.batch_size * PATCHES_PER_VIDEO)
+    config.train.update(steps=FLAGS.steps, log_every=50)
     config.checkpoint.update(every=FLAGS.steps, keep=1)
     train_dir = os.path.join(work, "train")
     history = train(config, train_dir)

@@ -77,3 +77,29 @@ def test_answers_follow_from_the_event(synth):
                 assert f"\n{letter}. {option.capitalize()}\n" in q["question"]
     letters = [q["answer"] for q in questions if q["form"] == "mc"]
     assert len(set(letters)) > 1  # the correct option is not always in one place
+
+
+def test_demo_options_one_question_per_entry(tmp_path):
+    """The CPU demo's set-up: chosen kinds, open questions only, one single-turn entry per video and kind, a
+    centred shape on a dark background."""
+    ann = generate(tmp_path, num_videos=3, seed=2, frames_range=(32, 32), sizes=((56, 56),),
+                   radius_range=(0.45, 0.45), background_level=50.0, kinds=("colour", "what"), open_fraction=1.0,
+                   one_question_per_entry=True)
+    with open(ann) as f:
+        entries = json.load(f)
+    assert [e["id"] for e in entries] == [f"synth_2_{v:04d}_{k}" for v in range(3) for k in ("what", "colour")]
+    assert [a.id for a in load_annotations(ann)] == [e["id"] for e in entries]
+    questions = json.loads((tmp_path / "questions.json").read_text())
+    assert sorted({q["kind"] for q in questions}) == ["colour", "what"] and len(questions) == 3 * 2 * 2
+    for e in entries:
+        human, gpt = e["conversations"]
+        assert human["value"].startswith("<video>\n") and "Answer with" not in human["value"]
+        kind = e["id"].rsplit("_", 1)[1]
+        truth = e["event"]["shape"] if kind == "what" else e["event"]["colour"]
+        assert truth in gpt["value"].lower()
+        assert tuple(e["event"]["centre"]) == (0.5, 0.5)
+        frames = decode_all(os.path.join(tmp_path, e["video"])).astype(np.int32)
+        lit = {i for i in range(len(frames)) if (frames[i].max(-1) - frames[i].min(-1) > 90).mean() > 0.2}
+        assert lit == {s + i for s in e["event"]["starts"] for i in range(e["event"]["duration"])}
+    with pytest.raises(ValueError, match="kinds"):
+        generate(tmp_path / "bad", num_videos=1, kinds=("size",))
