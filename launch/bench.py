@@ -40,8 +40,9 @@ flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
                   "forward+backward")
-flags.DEFINE_list("selection_configs", ["0:4:2"], "breakdown: selection kernel settings to time, each "
-                  "kv_major:num_warps:num_stages (the first is the one the full NSA uses)")
+flags.DEFINE_list("selection_configs", ["0:4:2:1"], "breakdown: selection kernel settings to time, each "
+                  "kv_major:num_warps:num_stages:blocks_per_step; the first also forward+backward and its "
+                  "backward's parts")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -147,7 +148,7 @@ def _breakdown(t: int) -> dict:
     from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
-    from pallas_kernels.selection import SelectionConfig, selection_attention
+    from pallas_kernels.selection import SelectionConfig, _dkv, _dq, inverted_index, selection_attention
 
     q, k, v, _, _ = _jax_inputs(t)
     b, _, hq, d = q.shape
@@ -183,12 +184,23 @@ def _breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
     }
     for n, spec in enumerate(FLAGS.selection_configs):
-        kv_major, warps, stages = (int(x) for x in spec.split(":"))
-        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major))
+        kv_major, warps, stages, per_step = (int(x) for x in spec.split(":"))
+        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major),
+                              rows_per_token=layout.group_size, blocks_per_step=per_step)
         slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
-        times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
+        try:
+            times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
+        except Exception as e:  # noqa: BLE001 - a setting that does not fit the device is reported, not fatal
+            times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
         if n == 0:
             times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v, idx)
+            o, lse = jax.jit(slc)(q_rows, k, v, idx)
+            delta = (o.astype(jnp.float32) ** 2).sum(-1)
+            bwd_args = (q_rows, k, v, idx, o, lse, delta)
+            times[f"selection_dq[{spec}]"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dq(cfg, *a)), *bwd_args)
+            times[f"selection_dkv[{spec}]"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dkv(cfg, *a)), *bwd_args)
+            times["selection_inverted_index"] = _time_jax(jax.jit(lambda i: inverted_index(i, t // bs)), idx)
     return times
 
 

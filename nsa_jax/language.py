@@ -10,7 +10,7 @@ from flax import nnx
 
 from nsa_jax.attention import dense_attention
 from nsa_jax.config import ModelConfig, TextConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear, run_blocks
+from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks
 from nsa_jax.rope import apply_rotary
 
 
@@ -55,12 +55,13 @@ class DenseAttention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, nsa: bool, *, rngs: nnx.Rngs, dtype, param_dtype):
+        """nsa: NSA attention (else dense), as `cfg.nsa.uses_nsa(layer)` says."""
         t = cfg.text
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
-        if cfg.nsa.uses_nsa(layer):
+        if nsa:
             from nsa_jax.videonsa import NSAAttention  # the hybrid layer builds on DenseAttention
             self.self_attn = NSAAttention(cfg, **kw)
         else:
@@ -79,8 +80,9 @@ class TextModel(nnx.Module):
         t = cfg.text
         self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size, embedding_init=nnx.initializers.normal(0.02),
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for i in range(t.num_hidden_layers)])
+        kinds = [cfg.nsa.uses_nsa(i) for i in range(t.num_hidden_layers)]
+        self.layers = nnx.List(make_blocks(kinds, lambda nsa, r: DecoderLayer(
+            cfg, nsa, rngs=r, dtype=dtype, param_dtype=param_dtype), rngs))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:

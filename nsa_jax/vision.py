@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import VisionConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear, run_blocks
+from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks
 from nsa_jax.rope import rotate_half
 
 
@@ -160,7 +160,8 @@ class VisionTower(nnx.Module):
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = PatchEmbed(cfg, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.blocks = nnx.List(make_blocks([None] * cfg.depth, lambda _, r: VisionBlock(
+            cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), rngs))
         self.merger = PatchMerger(cfg, **kw)
         self.dtype = dtype
 

@@ -1,8 +1,10 @@
 """Selection branch: each token attends, causally, the tokens of the blocks chosen for its KV head.
 
 Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virtual rows of each KV head's
-group (zero-padded to GR rows, a tensor-core tile), so one program serves a whole group with one K / V block
-load per chosen block. Forward and dq run one program per (token, KV head); dk / dv run one program per
+group (zero-padded to GR rows, a tensor-core tile), so one program serves a whole group with one K / V load
+per chosen block. Forward and dq run one program per (token, KV head), gathering `blocks_per_step` chosen
+blocks per loop step (one wider load and product instead of several dependent small ones); dk / dv run one
+program per
 (KV block, KV head) over the tokens that chose that block (an inverted index built with a sort), so the
 backward does exactly the selected work, with no atomics.
 """
@@ -23,8 +25,8 @@ from pallas_kernels.backend import call_options, ceil_div, dot
 class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
     all), the only rows the dk / dv kernel gathers. num_warps, num_stages, kv_major tune the per-token
-    kernels (forward, dq): Triton warps, pipeline stages and the grid order (KV head outermost; measured
-    slower on the H100)."""
+    kernels (forward, dq): Triton warps, pipeline stages, the grid order (KV head outermost; measured
+    slower on the H100) and the chosen blocks gathered per loop step."""
 
     block_size: int
     scale: float
@@ -32,6 +34,7 @@ class SelectionConfig:
     num_stages: int = 2
     kv_major: bool = False
     rows_per_token: int | None = None
+    blocks_per_step: int = 1
 
 
 def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
@@ -50,27 +53,36 @@ def _online_softmax_step(carry, s, v):
     return acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
 
 
-def _block_scores(cfg, q, k_ref, blk, token):
-    """Masked logits [GR, bs] of the rows of `token` against block `blk` (-1: nothing) and the block start."""
+def _step_scores(cfg, q, k_ref, idx_ref, step, token, per_step):
+    """Masked logits [GR, per_step * bs] of the rows of `token` against the step-th `per_step` chosen blocks
+    (-1: nothing), with the keys and the key positions (a slice for one block, a row gather for several)."""
     bs = cfg.block_size
-    start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
-    k = k_ref[pl.ds(start, bs), :]
-    cols = start + jnp.arange(bs)[None, :]
+    if per_step == 1:
+        blk = idx_ref[step]
+        start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
+        keys, cols, real = pl.ds(start, bs), start + jnp.arange(bs), blk >= 0
+    else:
+        j = jnp.arange(per_step * bs)
+        blk = idx_ref[step * per_step + j // bs]
+        cols = jnp.maximum(blk, 0) * bs + j % bs
+        keys, real = cols, (blk >= 0)[None, :]
+    k = k_ref[keys, :]
     s = dot(q, k, trans_b=True) * cfg.scale
-    return jnp.where((cols <= token) & (blk >= 0), s, -jnp.inf), k, start
+    return jnp.where((cols[None, :] <= token) & real, s, -jnp.inf), k, keys
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: SelectionConfig, n_sel: int):
     token = pl.program_id(2 if cfg.kv_major else 1)
     q = q_ref[...]
+    per_step = min(cfg.blocks_per_step, n_sel)
 
     def body(j, carry):
-        s, _, start = _block_scores(cfg, q, k_ref, idx_ref[j], token)
-        return _online_softmax_step(carry, s, v_ref[pl.ds(start, cfg.block_size), :])
+        s, _, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
+        return _online_softmax_step(carry, s, v_ref[keys, :])
 
     gr, d = q.shape
     init = (jnp.zeros((gr, d), jnp.float32), jnp.full((gr,), -jnp.inf, jnp.float32), jnp.zeros((gr,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, n_sel, body, init)
+    acc, m, l = jax.lax.fori_loop(0, n_sel // per_step, body, init)
     l_safe = jnp.where(l > 0, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
@@ -85,14 +97,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref,
                n_sel: int):
     token = pl.program_id(2 if cfg.kv_major else 1)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    per_step = min(cfg.blocks_per_step, n_sel)
 
     def body(j, dq):
-        s, k, start = _block_scores(cfg, q, k_ref, idx_ref[j], token)
-        v = v_ref[pl.ds(start, cfg.block_size), :]
-        ds = _probs(s, lse) * (dot(do, v, trans_b=True) - delta[:, None])
+        s, k, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
+        ds = _probs(s, lse) * (dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(0, n_sel, body, jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(0, n_sel // per_step, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -159,16 +171,15 @@ def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Arra
     return (order // s).astype(jnp.int32), search(sorted_blocks).astype(jnp.int32)
 
 
-def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
+def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
+    """dq [B, Tp, HKV, GR, D] float32: one program per (token, KV head) over its chosen blocks."""
     b, tp, hkv, gr, d = q_rows.shape
     n_sel, tk = idx.shape[-1], k.shape[1]
-    nb = tk // cfg.block_size
-    delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
     grid, order = _token_grid(cfg, b, tp, hkv)
     rows = pl.BlockSpec((None, None, None, gr, d), order(lambda i, t, h: (i, t, h, 0, 0)))
     row_scalars = pl.BlockSpec((None, None, None, gr), order(lambda i, t, h: (i, t, h, 0)))
     whole_kv = pl.BlockSpec((None, tk, None, d), order(lambda i, t, h: (i, 0, h, 0)))
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
         grid=grid,
         in_specs=[rows, whole_kv, whole_kv,
@@ -179,13 +190,20 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
         name="nsa_selection_dq",
         **call_options(cfg.num_warps, cfg.num_stages),
     )(q_rows, k, v, idx, do, lse, delta)
+
+
+def _dkv(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
+    """dk, dv [B, NB * bs, HKV, D] float32: one program per (KV block, KV head) over the tokens that chose it."""
+    b, tp, hkv, gr, d = q_rows.shape
+    n_sel, tk = idx.shape[-1], k.shape[1]
+    nb = tk // cfg.block_size
     tokens, offsets = inverted_index(idx, nb)
     group_rows = cfg.rows_per_token or gr
     flat = lambda x: x.swapaxes(1, 2).reshape(b, hkv, tp * gr, *x.shape[4:])  # [B, HKV, Tp * GR, ...]
     all_rows = pl.BlockSpec((None, None, tp * gr, d), lambda i, h, j: (i, h, 0, 0))
     all_scalars = pl.BlockSpec((None, None, tp * gr), lambda i, h, j: (i, h, 0))
     block = pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))
-    dk, dv = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, padded_rows=gr, group_rows=group_rows,
                           tile_rows=max(64, 1 << (group_rows - 1).bit_length())),
         grid=(b, hkv, nb),
@@ -197,6 +215,12 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
         name="nsa_selection_dkv",
         **call_options(),
     )(flat(q_rows), k, v, tokens, offsets, flat(do), flat(lse), flat(delta))
+
+
+def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
+    delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
+    dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
+    dk, dv = _dkv(cfg, q_rows, k, v, idx, do, lse, delta)
     return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

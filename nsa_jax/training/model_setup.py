@@ -53,16 +53,19 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     """
     dtype = jnp.dtype(compute_dtype)
 
-    def build() -> Qwen25VL:
-        return Qwen25VL(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.float32)
+    def build(key: jax.Array) -> Qwen25VL:
+        return Qwen25VL(config, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=jnp.float32)
 
-    abstract = nnx.eval_shape(build)
+    key = jax.random.key(seed)
+    abstract = nnx.eval_shape(build, key)
     prepare_blocks(abstract, mesh, remat)
     for layer in abstract.language_model.layers:
         layer.self_attn.implementation = attention_impl or None
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), nnx.Param)), out_shardings=shardings)()
+    # The key is an argument, not a constant: XLA would otherwise try to constant-fold the whole random
+    # initialisation at compile time (minutes for a 1B-class model on GPU).
+    params = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param)), out_shardings=shardings)(key)
     if init_from:
         from nsa_jax.conversion import from_pretrained
         loaded = from_pretrained(init_from)
