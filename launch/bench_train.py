@@ -60,6 +60,11 @@ def main(argv) -> None:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     print(f"compiled in {compile_s:.1f} s", flush=True)
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        print("device memory (GiB): " + ", ".join(
+            f"{name} {getattr(memory, name + '_size_in_bytes') / 2**30:.2f}"
+            for name in ("argument", "output", "temp", "generated_code")), flush=True)
     state, m = compiled(state, batch)
     loss = float(m.loss)
     for _ in range(FLAGS.warmup):

@@ -159,9 +159,11 @@ def main(argv) -> None:
     if index == 0:
         results = merge(questions, FLAGS.out, count)
         if results is not None:
-            print(f"accuracy {results['accuracy']:.4f} ({results['correct']}/{results['total']}); "
-                  f"multiple choice {results['multiple_choice']['accuracy']:.4f}, open "
-                  f"{results['open']['accuracy']:.4f}; wrote {FLAGS.out}")
+            forms = ", ".join(f"{label} {r['accuracy']:.4f} ({r['correct']}/{r['total']})" for label, r in
+                              (("multiple choice", results["multiple_choice"]), ("open", results["open"]))
+                              if r["total"])
+            print(f"accuracy {results['accuracy']:.4f} ({results['correct']}/{results['total']}); {forms}; "
+                  f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":

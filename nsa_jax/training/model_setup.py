@@ -63,9 +63,15 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
         layer.self_attn.implementation = attention_impl or None
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
-    # The key is an argument, not a constant: XLA would otherwise try to constant-fold the whole random
-    # initialisation at compile time (minutes for a 1B-class model on GPU).
-    params = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param)), out_shardings=shardings)(key)
+    init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))
+    if jax.default_backend() == "gpu" and jax.process_count() == 1:
+        # XLA:GPU took > 8 minutes to compile this initialisation for the 1B-class preset on an H100 (XLA:CPU:
+        # seconds): initialise on the host, then place the parameters.
+        cpu = jax.local_devices(backend="cpu")[0]
+        params = jax.device_put(jax.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(cpu))(
+            jax.device_put(key, cpu)), shardings)
+    else:
+        params = jax.jit(init, out_shardings=shardings)(key)
     if init_from:
         from nsa_jax.conversion import from_pretrained
         loaded = from_pretrained(init_from)
