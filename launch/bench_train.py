@@ -6,7 +6,8 @@ Runs the same jitted step as `launch/train.py` (bf16 compute, float32 master wei
 fixed synthetic batch (one 32,768-token row: a 192-frame video + text), so host-side batch preparation is
 not timed. MFU = model FLOPs of the step (`nsa_jax/training/flops.py`: 6 N per token + attention over
 the keys each row really needs, recompute not counted) / (step time x bf16 peak of the devices).
-CPU smoke run: `--config=configs/tiny.py --config.peak_flops_per_device=1e11`.
+CPU smoke run: `--config=configs/tiny.py --config.peak_flops_per_device=1e11`. On one 80 GB H100 the 32K step
+needs `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (it prints the compiled step's memory: ~53 GiB live at peak).
 """
 
 from __future__ import annotations
