@@ -68,7 +68,6 @@ def make_blocks(kinds: Sequence, make: Callable[..., nnx.Module], rngs: nnx.Rngs
         stop = start
         while stop < len(kinds) and kinds[stop] == kinds[start]:
             stop += 1
-
         kind = kinds[start]
         create = nnx.split_rngs(splits=stop - start)(nnx.vmap(lambda r: make(kind, r), in_axes=0, out_axes=0))
         graphdef, state = nnx.split(create(rngs))
