@@ -59,20 +59,21 @@ class GatedMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def runs(kinds: Sequence) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal consecutive entries of `kinds`, in order."""
+    bounds = [i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]]
+    return list(zip([0, *bounds], [*bounds, len(kinds)])) if kinds else []
+
+
 def make_blocks(kinds: Sequence, make: Callable[..., nnx.Module], rngs: nnx.Rngs) -> list[nnx.Module]:
     """One block `make(kind, rngs)` per entry of `kinds`, each run of equal kinds created under one `nnx.vmap`:
     the random initialisation of a run compiles as one block, so compile time does not grow with depth."""
     blocks: list[nnx.Module] = []
-    start = 0
-    while start < len(kinds):
-        stop = start
-        while stop < len(kinds) and kinds[stop] == kinds[start]:
-            stop += 1
+    for start, stop in runs(kinds):
         kind = kinds[start]
         create = nnx.split_rngs(splits=stop - start)(nnx.vmap(lambda r: make(kind, r), in_axes=0, out_axes=0))
         graphdef, state = nnx.split(create(rngs))
         blocks += [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(stop - start)]
-        start = stop
     return blocks
 
 

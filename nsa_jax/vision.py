@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import VisionConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks
+from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks, runs
 from nsa_jax.rope import rotate_half
 
 
@@ -178,10 +178,7 @@ class VisionTower(nnx.Module):
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         # Runs of consecutive blocks with the same attention (windows / whole frames), each run one scan.
         full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
-        start = 0
-        for end in range(1, len(full) + 1):
-            if end == len(full) or full[end] != full[start]:
-                seg = layout.frame_segments if full[start] else layout.window_segments
-                x = run_blocks(self.blocks[start:end], x, lambda blk, h, seg=seg: blk(h, cos, sin, seg))
-                start = end
+        for start, stop in runs(full):
+            seg = layout.frame_segments if full[start] else layout.window_segments
+            x = run_blocks(self.blocks[start:stop], x, lambda blk, h, seg=seg: blk(h, cos, sin, seg))
         return self.merger(x)[layout.reverse_index]

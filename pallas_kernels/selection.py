@@ -4,9 +4,8 @@ Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virt
 group (zero-padded to GR rows, a tensor-core tile), so one program serves a whole group with one K / V load
 per chosen block. Forward and dq run one program per (token, KV head), gathering `blocks_per_step` chosen
 blocks per loop step (one wider load and product instead of several dependent small ones); dk / dv run one
-program per
-(KV block, KV head) over the tokens that chose that block (an inverted index built with a sort), so the
-backward does exactly the selected work, with no atomics.
+program per (KV block, KV head) over the tokens that chose that block (an inverted index built with a sort),
+so the backward does exactly the selected work, with no atomics.
 """
 
 from __future__ import annotations

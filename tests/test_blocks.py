@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.layers import make_blocks, run_blocks
+from nsa_jax.layers import make_blocks, run_blocks, runs
 
 
 class Block(nnx.Module):
@@ -38,3 +38,8 @@ def test_run_blocks_scan_equals_a_python_loop():
                                rtol=1e-5, atol=1e-5)
     got = run_blocks(blocks[3:], run_blocks(blocks[:3], x, lambda b, h: b(h)), lambda b, h: b(h))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_of_equal_kinds():
+    assert runs([True, True, False, True]) == [(0, 2), (2, 3), (3, 4)]
+    assert runs([None] * 3) == [(0, 3)] and runs([]) == []
