@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
         video_grid=(2, 4, 4),  # synthetic: (t, h, w) patches of each row's video
         max_patches=256,  # pixel rows per micro-batch after padding
         poison_steps=(),  # synthetic: steps whose pixels are NaN (tests the non-finite guard)
+        text_vocab=0,  # synthetic: prompt words drawn from ids 1 .. text_vocab - 1 (0 = all text ids)
         seed=0,
     ))
     c.train = ml_collections.ConfigDict(dict(
@@ -38,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every=500, keep=3, async_save=True,
+        save_last=True,  # also save after the last step (off for benchmark runs of large models)
         resume_from_step=-1,  # -1: the latest checkpoint (if any); N: that step
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))

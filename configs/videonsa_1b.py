@@ -12,8 +12,8 @@ def get_config():
     c = base_config()
     c.model.update(preset="videonsa_1b", compute_dtype="bfloat16", attention_impl="cudnn")
     c.model.nsa.update(mode="native", block_size=64, block_count=32, window_size=256)
-    # 32,768 tokens per row: a 384-frame video at the paper's 224x224 (grid 192 x 16 x 16 -> 24,576 merged
-    # tokens) + 8,192 text tokens.
+    # 32,768 tokens per row: a 384-frame video at the paper's 224x224 (grid 192 x 16 x 16 = 49,152 pixel rows
+    # -> 12,288 merged tokens) + 20,480 text tokens.
     c.data.update(batch_size=1, seq_len=32768, video_grid=(192, 16, 16), max_patches=192 * 16 * 16)
     c.train.update(steps=20, learning_rate=1e-5, remat="full", loss_chunk=4096, log_every=1)
     c.checkpoint.update(every=10**9, keep=1)

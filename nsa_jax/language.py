@@ -7,9 +7,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from nsa_jax.attention import dense_attention
 from nsa_jax.config import ModelConfig, TextConfig
+from nsa_jax.head_parallel import head_parallel
 from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks
 from nsa_jax.rope import apply_rotary
 
@@ -36,7 +38,8 @@ class DenseAttention(nnx.Module):
         self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
         self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
         self.o_proj = linear(self.num_heads * d, cfg.hidden_size, bias=False, **kw)
-        self.implementation: str | None = None
+        self.implementation: str | None = None  # jax.nn.dot_product_attention's ("cudnn" on NVIDIA GPUs)
+        self.mesh: Mesh | None = None  # training's mesh: the attention core runs head-parallel over it
 
     def qkv(self, x: jax.Array, ctx: TokenContext) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,H,D], k, v [B,T,K,D] after mRoPE."""
@@ -49,8 +52,10 @@ class DenseAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
         q, k, v = self.qkv(x, ctx)
-        o = dense_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid,
-                            implementation=self.implementation)
+        attend = lambda q, k, v, segment_ids, kv_valid: dense_attention(
+            q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=self.implementation)
+        o = head_parallel(self.mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
+                          num_kv_heads=self.num_kv_heads)
         return self.o_proj(o.reshape(*x.shape[:2], -1))
 
 

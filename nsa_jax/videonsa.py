@@ -18,6 +18,7 @@ from flax import nnx
 
 from nsa_jax.attention import dense_attention, dense_attention_rows
 from nsa_jax.config import ModelConfig
+from nsa_jax.head_parallel import head_parallel
 from nsa_jax.language import DenseAttention, TokenContext
 from nsa_jax.layers import linear
 from pallas_kernels import nsa_attention
@@ -60,25 +61,30 @@ class NSAAttention(DenseAttention):
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
         q, k, v = self.qkv(x, ctx)
+        rows = dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid)
         if self.nsa.mode == "videonsa":
-            o = self._videonsa(x, q, k, v, ctx)
+            # The padded layout pairs query heads with several KV heads: heads stay whole on each device.
+            o = head_parallel(self.mesh, self._videonsa, (q, k, v, self.gate_logits(x)),
+                              dict(rows, vision=mrope_vision_rows(ctx.position_ids)),
+                              num_kv_heads=self.num_kv_heads, split_heads=False)
         else:
-            o = self._native(x, q, k, v, ctx)
+            o = head_parallel(self.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))),
+                              dict(rows, vision=ctx.vision_mask), num_kv_heads=self.num_kv_heads)
         return self.o_proj(o.reshape(*x.shape[:2], -1).astype(x.dtype))
 
-    def _videonsa(self, x, q, k, v, ctx: TokenContext) -> jax.Array:
-        vision = mrope_vision_rows(ctx.position_ids)[..., None, None]  # [B, T, 1, 1]
-        gates = jax.nn.sigmoid(jnp.where(vision, self.gate_logits(x), 0.0))
+    def _videonsa(self, q, k, v, gate_logits, *, vision, segment_ids, kv_valid) -> jax.Array:
+        """Mode videonsa on [B, T] rows: q, k, v, gate logits [B, T, H, 3] and the vision rows [B, T]."""
+        vision = vision[..., None, None]  # [B, T, 1, 1]
+        gates = jax.nn.sigmoid(jnp.where(vision, gate_logits, 0.0))
         zero = jnp.zeros((), q.dtype)
         o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
-                          gates, nsa_segments(ctx.segment_ids), videonsa=True)
-        o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=ctx.segment_ids,
-                                  kv_valid=ctx.kv_valid, implementation=self.implementation)
+                          gates, nsa_segments(segment_ids), videonsa=True)
+        o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=segment_ids,
+                                  kv_valid=kv_valid, implementation=self.implementation)
         return o_nsa + o_dense
 
-    def _native(self, x, q, k, v, ctx: TokenContext) -> jax.Array:
-        vision = ctx.vision_mask  # [B, T]
-        gates = jax.nn.sigmoid(self.gate_logits(x))
+    def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
+        """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]."""
         # Vision tokens first, in order: NSA runs over them as one contiguous sequence. The text rows moved
         # behind them are never visible to a vision query (causality). With segment ids, each sample's vision
         # run is its own NSA segment; the kernels require every segment to start at a multiple of the block
@@ -86,12 +92,12 @@ class NSAAttention(DenseAttention):
         order = jnp.argsort(~vision, axis=1, stable=True)
         inverse = jnp.argsort(order, axis=1)
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
-        seg = None if ctx.segment_ids is None else nsa_segments(take(ctx.segment_ids, order))
+        seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
         o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg,
                           videonsa=False)
         o_nsa = take(o_nsa, inverse)
-        o_dense = dense_attention_rows(q, k, v, ~vision, chunk=DENSE_QUERY_CHUNK, segment_ids=ctx.segment_ids,
-                                       kv_valid=ctx.kv_valid, implementation=self.implementation)
+        o_dense = dense_attention_rows(q, k, v, ~vision, chunk=DENSE_QUERY_CHUNK, segment_ids=segment_ids,
+                                       kv_valid=kv_valid, implementation=self.implementation)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
 
 
@@ -108,4 +114,4 @@ def nsa_segments(segment_ids: jax.Array | None) -> jax.Array | None:
 
     Padding never precedes a token of its row, so causality keeps it out of every real query's keys.
     """
-    return None if segment_ids is None else jax.lax.cummax(segment_ids, axis=1)
+    return None if segment_ids is None else jax.lax.associative_scan(jnp.maximum, segment_ids, axis=1)

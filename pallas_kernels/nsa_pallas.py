@@ -11,7 +11,7 @@ import numpy as np
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool
-from pallas_kernels.segments import default_segments, segment_bounds
+from pallas_kernels.segments import segment_bounds
 from pallas_kernels.selection import SelectionConfig, selection_attention
 from pallas_kernels.topk import fla_select_blocks_chunked
 from pallas_kernels.topk_fused import select_blocks_fused
@@ -59,8 +59,10 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
-    seg = default_segments(b, t) if segment_ids is None else segment_ids
-    lo, hi = segment_bounds(seg)
+    if segment_ids is None:  # one segment per row
+        lo, hi = jnp.zeros((b, t), jnp.int32), jnp.full((b, t), t, jnp.int32)
+    else:
+        lo, hi = segment_bounds(segment_ids)
 
     bq = _tile(t)
     tp = -(-t // max(bq, bs)) * max(bq, bs)

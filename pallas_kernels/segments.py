@@ -35,11 +35,15 @@ def validate_segments(segment_ids: jax.Array, block_size: int) -> None:
 
 
 def segment_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per token, the start (inclusive) and end (exclusive) position of its segment, each [B, T] int32."""
+    """Per token, the start (inclusive) and end (exclusive) position of its segment, each [B, T] int32.
+
+    The running max / min are associative scans (O(T log T)): `lax.cummax` lowers to a reduce-window over
+    the whole row on GPU, O(T^2), which XLA spent minutes constant-folding at T = 64K.
+    """
     b, t = segment_ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    start = jax.lax.cummax(jnp.where(new, pos, 0), axis=1)
+    start = jax.lax.associative_scan(jnp.maximum, jnp.where(new, pos, 0), axis=1)
     last = jnp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
-    end = jax.lax.cummin(jnp.where(last, pos + 1, t), axis=1, reverse=True)
+    end = jax.lax.associative_scan(jnp.minimum, jnp.where(last, pos + 1, t), axis=1, reverse=True)
     return start, end

@@ -1,5 +1,6 @@
-"""Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes, equal the
-single-device ones. The work runs in a subprocess so XLA_FLAGS takes effect before jax is imported."""
+"""Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes and both NSA
+modes, equal the single-device ones. The work runs in a subprocess so XLA_FLAGS takes effect before jax is
+imported."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import sys
 
 LAYOUTS = [
     {"data": 8},
-    {"data": 2, "sequence": 4},
+    {"data": 2, "sequence": 4},  # sequence 4 does not divide the 2 KV heads: attention replicated over it
     {"fsdp": 2, "tensor": 2, "sequence": 2},
+    {"fsdp": 4, "sequence": 2},  # heads split over sequence (Ulysses), parameters over fsdp and sequence
 ]
+MODES = ("videonsa", "native")
 
 def _compare_layouts() -> dict:
     import jax
@@ -28,26 +31,32 @@ def _compare_layouts() -> dict:
     from nsa_jax.training.train_step import StepFunctions
 
     c = get_config()
-    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
-    host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
 
-    def run(shape, devices):
+    def run(cfg, host, shape, devices):
         mesh = make_mesh(shape, devices)
         graphdef, params = split_for_training(cfg, mesh, compute_dtype="float32", remat="none", seed=0)
         fns = StepFunctions(graphdef, make_optimizer(params, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0),
                             mesh, loss_chunk=32)
-        sums = jax.jit(fns.micro_sums)(params, device_batch(host, cfg, mesh))
+        batch = device_batch(host, cfg, mesh)
+        sums = jax.jit(fns.micro_sums)(params, batch)
         sharded = sum(not s.sharding.is_fully_replicated for s in jax.tree.leaves(sums.grads))
-        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded
+        head_parallel = "shard_map" in str(jax.make_jaxpr(fns.micro_sums)(params, batch))
+        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel
 
-    ref_loss, ref_tokens, ref_grads, _ = run({"data": 1}, jax.devices()[:1])
-    out = {"reference": ref_loss, "layouts": []}
-    for shape in LAYOUTS:
-        loss, tokens, grads, sharded = run(shape, jax.devices())
-        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)),
-                                             grads, ref_grads))
-        out["layouts"].append({"shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
-                               "max_rel_grad_diff": max(diffs), "sharded_grads": sharded})
+    out = {}
+    for mode in MODES:
+        c.model.nsa.mode = mode
+        cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+        host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
+        ref_loss, ref_tokens, ref_grads, _, _ = run(cfg, host, {"data": 1}, jax.devices()[:1])
+        out[mode] = {"reference": ref_loss, "layouts": []}
+        for shape in LAYOUTS:
+            loss, tokens, grads, sharded, head_parallel = run(cfg, host, shape, jax.devices())
+            rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+            out[mode]["layouts"].append({
+                "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
+                "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
+                "sharded_grads": sharded, "shard_map": head_parallel})
     del jnp
     return out
 
@@ -59,12 +68,15 @@ def test_mesh_layouts_match_single_device(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())
-    for r in out["layouts"]:
-        assert r["tokens"] == r["ref_tokens"], r
-        assert abs(r["loss"] - out["reference"]) <= 1e-4 * abs(out["reference"]), r
-        assert r["max_rel_grad_diff"] < 1e-3, r
-    # The layouts really shard: parameters split over fsdp / tensor show up as sharded gradients.
-    assert out["layouts"][2]["sharded_grads"] > 0
+    for mode in MODES:
+        for r in out[mode]["layouts"]:
+            assert r["tokens"] == r["ref_tokens"], (mode, r)
+            assert abs(r["loss"] - out[mode]["reference"]) <= 1e-4 * abs(out[mode]["reference"]), (mode, r)
+            assert r["max_rel_grad_diff"] < 1e-3, (mode, r)
+            # Every layout splits batch rows or heads, so attention runs inside shard_map.
+            assert r["shard_map"], (mode, r)
+        # The layouts really shard: parameters split over fsdp / tensor / sequence show up as sharded gradients.
+        assert all(r["sharded_grads"] > 0 for r in out[mode]["layouts"][1:]), mode
 
 if __name__ == "__main__":
     import pathlib

@@ -20,6 +20,7 @@ from nsa_jax.training.device_batch import batch_flops, batch_token_counts, devic
 from nsa_jax.training.events import EventWriter
 from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from nsa_jax.training.prefetch import Prefetched
 from nsa_jax.training.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
 from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
@@ -64,7 +65,8 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
     if d.source == "synthetic":
         return SyntheticBatches(model_cfg, batch_size=per_process, seq_len=d.seq_len,
                                 video_grid=tuple(d.video_grid), max_patches=d.max_patches // count,
-                                seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps))
+                                seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps),
+                                text_vocab=d.text_vocab)
     if d.source == "shards":
         from data.pipeline import batches
         from data.shards import shard_paths
@@ -126,6 +128,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
         log.warning("resumed from %s", ckpt.step_dir(resume))
     else:
         state = jax.jit(fresh, out_shardings=shardings)(params)
+    data = Prefetched(data)  # the next batches are prepared on the host while the device trains
     del params
     steps = StepFunctions(graphdef, tx, mesh, loss_chunk=t.loss_chunk).compile(shardings)
 
@@ -170,7 +173,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
                 ckpt.save(step + 1, state, data.get_state(), force=True)
                 log.warning("SIGTERM: saved step %d to %s, exiting", step + 1, ckpt.step_dir(step + 1))
                 break
-            ckpt.save(step + 1, state, data.get_state(), force=step + 1 == t.steps)
+            ckpt.save(step + 1, state, data.get_state(), force=step + 1 == t.steps and config.checkpoint.save_last)
     finally:
         bar.close()
         stop.restore()

@@ -16,7 +16,8 @@ from nsa_jax.training.sharding import tree_shardings
 
 
 def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
-    """tiny (tests), demo (CPU), videonsa_1b (benchmark: Qwen2.5-1.5B-sized LLM) or qwen25vl_7b (the paper)."""
+    """tiny (tests), demo (CPU), videonsa_1b (benchmark: Qwen2.5-1.5B-sized LLM), videonsa_3b (Qwen2.5-VL-3B
+    sized: multi-GPU runs) or qwen25vl_7b (the paper)."""
     if preset == "tiny":
         return tiny_config(nsa=nsa)
     if preset == "demo":
@@ -32,9 +33,15 @@ def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
                                            num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                                            tie_word_embeddings=True),
                            vision=VisionConfig(out_hidden_size=1536), nsa=nsa).validate()
+    if preset == "videonsa_3b":
+        return ModelConfig(text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                           num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                           tie_word_embeddings=True),
+                           vision=VisionConfig(out_hidden_size=2048), nsa=nsa).validate()
     if preset == "qwen25vl_7b":
         return ModelConfig(nsa=nsa).validate()
-    raise ValueError(f"model preset {preset!r}: expected tiny, demo, videonsa_1b or qwen25vl_7b")
+    raise ValueError(f"model preset {preset!r}: expected tiny, demo, videonsa_1b, videonsa_3b or "
+                     "qwen25vl_7b")
 
 
 def nsa_config(c: Any) -> NSAConfig:
@@ -61,6 +68,7 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     prepare_blocks(abstract, mesh, remat)
     for layer in abstract.language_model.layers:
         layer.self_attn.implementation = attention_impl or None
+        layer.self_attn.mesh = mesh
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
     init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))

@@ -4,11 +4,13 @@ Parameters get logical axis names from their path (`param_logical_axes`); activa
 "batch", "sequence", "embed", ... Logical names map to mesh axes through `LOGICAL_RULES`:
 
 - batch -> (data, fsdp): data parallel + ZeRO-3 style fully sharded parameters (FSDP);
-- embed (parameter rows) -> fsdp; heads / kv_heads / mlp / vocab -> tensor (Megatron tensor parallel);
-- sequence -> sequence: context parallelism. Activations are sharded along the token axis; attention
-  needs every key of a query's sample, so XLA all-gathers K/V (and their gradients reduce-scatter) at each
-  attention call. This is the "all-gathered K/V" form of context parallel NSA; a ring schedule is not
-  implemented.
+- embed (parameter rows) -> (fsdp, sequence): parameters, gradients and Adam moments are sharded over the
+  context-parallel devices too (they would otherwise hold copies); heads / kv_heads / mlp / vocab -> tensor
+  (Megatron tensor parallel);
+- sequence -> sequence: context parallelism. Activations are sharded along the token axis between layers;
+  the attention core runs head-parallel (`nsa_jax/head_parallel.py`: all-to-all to [batch, heads], whole
+  sequences per device, as DeepSpeed-Ulysses), over as many of (tensor, sequence) as divide the KV heads.
+  The vision tower's pixel rows are split over (data, fsdp) only.
 
 A mesh axis is dropped from a dimension it does not divide (that dimension is then replicated over it).
 """
@@ -26,7 +28,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "sequence": ("sequence",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),

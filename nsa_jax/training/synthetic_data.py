@@ -21,8 +21,12 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
     video_grid_thw [B, 3] (one video per row; pixel rows padded with zeros to max_patches)."""
 
     def __init__(self, config: ModelConfig, *, batch_size: int, seq_len: int, video_grid: Sequence[int],
-                 max_patches: int, seed: int = 0, poison_steps: Sequence[int] = ()):
+                 max_patches: int, seed: int = 0, poison_steps: Sequence[int] = (), text_vocab: int = 0):
+        """text_vocab: prompt words are ids 1 .. text_vocab - 1 (0 = every id below the special tokens)."""
         self.cfg, self.batch_size, self.seq_len = config, batch_size, seq_len
+        self.text_vocab = text_vocab or config.vision_start_token_id - 1
+        if not 2 <= self.text_vocab <= config.vision_start_token_id - 1:
+            raise ValueError(f"text_vocab={text_vocab}: expected 2 .. {config.vision_start_token_id - 1}")
         self.grid = np.asarray(video_grid, np.int64)
         self.max_patches, self.seed, self.poison = max_patches, seed, set(poison_steps)
         patches = batch_size * int(self.grid.prod())
@@ -51,7 +55,7 @@ class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
         rng = np.random.default_rng([self.seed, step])
         prompt = self.text // 2
         answer = self.text - prompt
-        words = rng.integers(1, cfg.vision_start_token_id - 1, size=(b, prompt))
+        words = rng.integers(1, self.text_vocab, size=(b, prompt))
         ids = np.concatenate([words, np.full((b, 1), cfg.vision_start_token_id),
                               np.full((b, self.video_tokens), cfg.video_token_id),
                               np.full((b, 1), cfg.vision_end_token_id), np.resize(words, (b, answer))], axis=1)
