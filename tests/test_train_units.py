@@ -76,6 +76,40 @@ def test_sharding_rules():
     assert logical_to_spec(("embed", "heads"), (6, 3), FakeMesh()) == P(None, None)  # 4 / 2 do not divide
     assert logical_to_spec(("batch", "sequence"), (8, 16), FakeMesh()) == P(("data", "fsdp"), None)
 
+    class ContextMesh:
+        shape = {"data": 1, "fsdp": 2, "tensor": 1, "sequence": 4}
+
+    # Parameter rows are sharded over the context-parallel devices too (ZeRO-3 over fsdp x sequence).
+    assert logical_to_spec(("embed", "mlp"), (64, 6), ContextMesh()) == P(("fsdp", "sequence"), None)
+    assert logical_to_spec(("batch", "sequence", None), (2, 16, 8), ContextMesh()) == P("fsdp", "sequence", None)
+
+
+def test_videonsa_3b_config_parameter_count_by_hand():
+    from configs.videonsa_3b import get_config
+    from nsa_jax.model import Qwen25VL
+    from nsa_jax.training.model_setup import model_config, nsa_config
+    c = get_config()
+    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+    counted = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    h, kv, mlp, heads = 2048, 256, 11008, 16  # Qwen2.5-3B: width, KV width (2 x 128), MLP, query heads
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h  # attention, MLP, two norms
+    layer += (h * h + h) + (h * 3 * heads + 3 * heads)  # NSA gates g_proj_1, g_proj_2
+    vision = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.visual, nnx.Param)))
+    assert counted == 151936 * h + 36 * layer + h + vision  # tied embedding, final norm
+    assert counted > 3.8e9 and c.data.seq_len == 65536
+
+
+def test_synthetic_text_vocab():
+    from nsa_jax.training.synthetic_data import SyntheticBatches
+    cfg = tiny_config()
+    batch = SyntheticBatches(cfg, batch_size=2, seq_len=64, video_grid=(2, 4, 4), max_patches=64,
+                             text_vocab=5).batch(0)
+    text = batch["input_ids"][batch["input_ids"] < cfg.vision_start_token_id]
+    assert set(np.unique(text).tolist()) == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="text_vocab=1"):
+        SyntheticBatches(cfg, batch_size=2, seq_len=64, video_grid=(2, 4, 4), max_patches=64, text_vocab=1)
+
 
 def _read_records(path):
     data = open(path, "rb").read()
