@@ -17,10 +17,16 @@ from nsa_jax.vision import VisionLayout, VisionTower, vision_layout
 
 
 class VisionInput(NamedTuple):
-    """Pixel rows of all images (or all videos) of a batch with their precomputed layout."""
+    """Pixel rows of all images (or all videos) of a batch with their precomputed layout.
 
-    pixel_values: jax.Array  # [N, C*T*P*P]
+    Training splits the rows into chunks of whole frames (`nsa_jax/training/device_batch.py`): pixel_values
+    [K, R, C*T*P*P], one layout per chunk stacked on a leading axis, and `token_order`, the merged tokens'
+    order (of the K * R / merge^2 concatenated) that puts the real ones first, in sequence order.
+    """
+
+    pixel_values: jax.Array  # [N, C*T*P*P], or [K, R, C*T*P*P] in chunks
     layout: VisionLayout
+    token_order: jax.Array | None = None  # [K * R / merge^2] int32 when in chunks
 
 
 def scatter_vision(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> jax.Array:
@@ -54,15 +60,24 @@ class Qwen25VL(nnx.Module):
         image_mask = input_ids == cfg.image_token_id
         video_mask = input_ids == cfg.video_token_id
         if images is not None:
-            x = scatter_vision(x, image_mask, self.visual(images.pixel_values, images.layout))
+            x = scatter_vision(x, image_mask, self.vision_features(images))
         if videos is not None:
-            x = scatter_vision(x, video_mask, self.visual(videos.pixel_values, videos.layout))
+            x = scatter_vision(x, video_mask, self.vision_features(videos))
         cos, sin = mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
         ctx = TokenContext(position_ids, cos, sin, segment_ids, kv_valid, image_mask | video_mask)
         h = self.language_model(x, ctx)
         if return_hidden:
             return h
         return self.logits(h)
+
+    def vision_features(self, vision: VisionInput) -> jax.Array:
+        """Merged tokens [M, E] of the real rows first, in order; chunks run the tower independently (vmap)."""
+        if vision.token_order is None:
+            return self.visual(vision.pixel_values, vision.layout)
+        graphdef, state = nnx.split(self.visual)
+        chunks = jax.vmap(lambda state, pixels, layout: nnx.merge(graphdef, state)(pixels, layout),
+                          in_axes=(None, 0, 0))(state, vision.pixel_values, vision.layout)
+        return chunks.reshape(-1, chunks.shape[-1])[vision.token_order]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.text.tie_word_embeddings:

@@ -18,7 +18,8 @@ from nsa_jax.training import events, flops
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
 from nsa_jax.training.optimizer import learning_rate_schedule, trainable_labels
 from nsa_jax.training.sharding import logical_to_spec, make_mesh, param_logical_axes
-from nsa_jax.training.vision_batch import padded_vision_layout
+from nsa_jax.model import Qwen25VL, VisionInput
+from nsa_jax.training.vision_batch import frame_chunks, host_chunks, padded_vision_layout, token_order
 from nsa_jax.vision import VisionTower, vision_layout
 
 
@@ -155,6 +156,34 @@ def test_padded_layout_gives_the_same_vision_features():
     assert np.all(np.isfinite(grads)) and not np.any(grads[rows:])
     with pytest.raises(ValueError, match="multiple of"):
         padded_vision_layout(table, rows + 2, cfg)
+
+
+def test_frame_chunks_by_hand():
+    cfg = tiny_config().vision
+    # Frames of 16, 16, 32, 16 rows (two videos and an image) over 2 chunks of 48 rows.
+    plan = frame_chunks(np.array([[2, 4, 4], [1, 4, 8], [0, 0, 0], [1, 4, 4]]), 2, cfg, min_rows=48)
+    assert plan.rows == 48 and plan.starts == [0, 32] and plan.real_rows == [32, 32 + 16]
+    assert [g.tolist() for g in plan.grids] == [[[2, 4, 4]], [[1, 4, 8], [1, 4, 4]]]
+    # 3 chunks of 20 rows cannot hold a 32-row frame: grown by `growth` until all fit whole.
+    plan = frame_chunks(np.array([[2, 4, 4], [1, 4, 8], [1, 4, 4]]), 3, cfg, min_rows=20, growth=4)
+    assert plan.rows == 32 and plan.real_rows == [32, 32, 16]
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 3, 5])
+def test_chunked_tower_equals_whole_tower(num_chunks):
+    cfg = tiny_config()
+    model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+    grid = np.array([[2, 4, 4], [1, 4, 8], [3, 4, 4], [0, 0, 0]])  # videos and an image, padded grid table
+    rows = int(np.prod(grid, axis=1).sum())
+    pixels = np.random.default_rng(0).standard_normal((rows + 24, cfg.vision.patch_dim)).astype(np.float32)
+    pixels[rows:] = 0.0
+    exact = model.visual(jnp.asarray(pixels[:rows]), vision_layout(grid[:3], cfg.vision))
+    chunked, layout, real = host_chunks(pixels, grid, num_chunks, cfg.vision)
+    assert chunked.shape[0] == num_chunks and real.sum() == rows // 4
+    order = token_order(real, chunked.shape[1] // 4)
+    assert sorted(order.tolist()) == list(range(num_chunks * chunked.shape[1] // 4))
+    features = model.vision_features(VisionInput(jnp.asarray(chunked), layout, jnp.asarray(order)))
+    np.testing.assert_allclose(np.asarray(features[:rows // 4]), np.asarray(exact), rtol=1e-5, atol=1e-5)
 
 
 def test_flops_of_a_dense_model_by_hand():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -12,60 +12,62 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import VisionInput
 from nsa_jax.training.flops import train_step_flops
-from nsa_jax.training.sharding import shard_batch
-from nsa_jax.training.vision_batch import padded_vision_layout
-from nsa_jax.vision import VisionLayout
+from nsa_jax.training.sharding import LOGICAL_RULES, named, shard_batch
+from nsa_jax.training.vision_batch import host_chunks, token_order
 
 TOKEN_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 VISION_KEYS = {"videos": ("pixel_values_videos", "video_grid_thw"), "images": ("pixel_values", "image_grid_thw")}
 
 
-class VisionRows(NamedTuple):
-    """Pixel rows as the processes hold them, the order that puts every real row before any padding row,
-    and the layout of the rows in that order (the tower's merged tokens then line up with the sequence's
-    placeholder tokens, which are in process order)."""
-
-    pixel_values: jax.Array  # [N, D] global, process-major
-    row_order: jax.Array  # [N] int32
-    layout: VisionLayout
-
-    def ordered(self) -> VisionInput:
-        return VisionInput(self.pixel_values[self.row_order], self.layout)
+def patch_chunks(mesh: Mesh) -> int:
+    """Chunks of whole frames a batch's pixel rows are split into: one per device over the patch axes."""
+    return int(np.prod([mesh.shape[a] for a in LOGICAL_RULES["patches"]]))
 
 
-def _allgather_rows(table: np.ndarray) -> list[np.ndarray]:
-    """Every process's [n_p, 3] int table (this process's alone when single-process)."""
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """[processes, n]: every process's int vector (this process's alone when single-process)."""
+    values = np.asarray(values, np.int64).reshape(-1)
     if jax.process_count() == 1:
-        return [table]
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray(len(table)))).reshape(-1)
-    padded = np.zeros((int(counts.max()), 3), np.int64)
-    padded[:len(table)] = table
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1, 3)
-    return [g[:n] for g, n in zip(gathered, counts)]
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
 
 
-def vision_rows(pixels: np.ndarray, grid_thw: np.ndarray, config: ModelConfig, mesh: Mesh) -> VisionRows:
-    """Global pixel rows (sharded over the batch axes) with their real-rows-first order and layout."""
-    local_rows = pixels.shape[0]
-    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    grids = _allgather_rows(grid[np.all(grid > 0, axis=1)])
-    real = [int(np.prod(g, axis=1).sum()) for g in grids]
-    starts = [p * local_rows for p in range(len(grids))]
-    order = np.concatenate([np.arange(s, s + r) for s, r in zip(starts, real)]
-                           + [np.arange(s + r, s + local_rows) for s, r in zip(starts, real)]).astype(np.int32)
-    layout = padded_vision_layout(np.concatenate(grids), local_rows * len(grids), config.vision)
-    replicated = NamedSharding(mesh, P())
-    place = lambda a: jax.device_put(a, replicated)
-    return VisionRows(shard_batch({"pixel_values": pixels}, mesh)["pixel_values"], place(order),
-                      jax.tree.map(place, layout))
+def vision_input(pixels: np.ndarray, grid_thw: np.ndarray, config: ModelConfig, mesh: Mesh) -> VisionInput:
+    """This process's pixel rows as chunks of whole frames ([C, R, D] globally, C over the patch axes), each
+    chunk with its own layout, and the order of merged tokens that puts every real one first, in order.
+
+    The processes agree on the chunk size and the layouts' padded shapes, so the arrays are global."""
+    vision, count = config.vision, jax.process_count()
+    chunks = patch_chunks(mesh)
+    if chunks % count:
+        raise ValueError(f"{chunks} pixel-row chunks (devices over {LOGICAL_RULES['patches']}) do not split "
+                         f"over {count} processes")
+    local = chunks // count
+    chunked, layout, real = host_chunks(pixels, grid_thw, local, vision)
+    if count > 1:  # one chunk size and one padded layout shape for all processes
+        agreed = _allgather(np.asarray([chunked.shape[1], *(d for seg in layout[3:] for d in seg.gather.shape[1:])]))
+        agreed = agreed.max(axis=0)
+        chunked, layout, real = host_chunks(pixels, grid_thw, local, vision, min_rows=int(agreed[0]),
+                                            min_segments=tuple(int(d) for d in agreed[1:]))
+    order = token_order(_allgather(real).reshape(-1), chunked.shape[1] // vision.spatial_merge_size**2)
+    place = lambda a: jax.make_array_from_process_local_data(
+        named(mesh, "patches", *([None] * (a.ndim - 1)), shape=(a.shape[0] * count,) + a.shape[1:]), a)
+    pixel_values = place(chunked)
+    mine = range(jax.process_index() * local, (jax.process_index() + 1) * local)
+    for shard in pixel_values.addressable_shards:  # the token order assumes process-major chunks
+        held = range(chunks)[shard.index[0]]
+        if held[0] not in mine or held[-1] not in mine:
+            raise ValueError(f"mesh {dict(mesh.shape)}: process {jax.process_index()}'s devices do not hold "
+                             f"pixel-row chunks {mine.start}..{mine.stop - 1}; order the devices process-major")
+    return VisionInput(pixel_values, jax.tree.map(place, layout), jax.device_put(order, NamedSharding(mesh, P())))
 
 
 def device_batch(host: Mapping[str, np.ndarray], config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """Token arrays sharded over (batch, sequence); pixel rows over the batch axes; layouts replicated."""
+    """Token arrays sharded over (batch, sequence); pixel rows in chunks of whole frames over the patch axes."""
     batch: dict[str, Any] = shard_batch({k: host[k] for k in TOKEN_KEYS if k in host}, mesh)
     for name, (pixel_key, grid_key) in VISION_KEYS.items():
         if pixel_key in host:
-            batch[name] = vision_rows(np.asarray(host[pixel_key]), host[grid_key], config, mesh)
+            batch[name] = vision_input(np.asarray(host[pixel_key]), host[grid_key], config, mesh)
     return batch
 
 

@@ -10,7 +10,8 @@ Parameters get logical axis names from their path (`param_logical_axes`); activa
 - sequence -> sequence: context parallelism. Activations are sharded along the token axis between layers;
   the attention core runs head-parallel (`nsa_jax/head_parallel.py`: all-to-all to [batch, heads], whole
   sequences per device, as DeepSpeed-Ulysses), over as many of (tensor, sequence) as divide the KV heads.
-  The vision tower's pixel rows are split over (data, fsdp) only.
+- patches -> (data, fsdp, sequence): the vision tower's pixel rows, in one chunk of whole frames per device
+  (`device_batch.vision_input`); frames attend only within themselves, so the tower needs no communication.
 
 A mesh axis is dropped from a dimension it does not divide (that dimension is then replicated over it).
 """
@@ -33,7 +34,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "patches": ("data", "fsdp"),
+    "patches": ("data", "fsdp", "sequence"),
 }
 
 # (path fragment, logical axes of the kernel / embedding, of the bias). First match wins.

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
 from nsa_jax.training.sharding import tree_shardings
 
-Batch = Mapping[str, Any]  # input_ids, position_ids, labels, [segment_ids], [videos / images: VisionRows]
+Batch = Mapping[str, Any]  # input_ids, position_ids, labels, [segment_ids], [videos / images: VisionInput in chunks]
 
 
 class TrainState(NamedTuple):
@@ -57,7 +57,7 @@ class StepFunctions:
         """(sum of answer-token cross entropies, answer-token count) of one batch."""
         model = nnx.merge(self.graphdef, params)
         segment_ids = batch.get("segment_ids")
-        vision = {k: batch[k].ordered() for k in ("images", "videos") if k in batch}
+        vision = {k: batch[k] for k in ("images", "videos") if k in batch}
         hidden = model.forward(batch["input_ids"], batch["position_ids"], segment_ids=segment_ids,
                                return_hidden=True, **vision)
         targets, weights = shifted_targets(batch["labels"], segment_ids)
