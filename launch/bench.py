@@ -41,8 +41,8 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
                   "forward+backward")
 flags.DEFINE_list("selection_configs", ["0:4:2:1"], "breakdown: selection kernel settings to time, each "
-                  "kv_major:num_warps:num_stages:blocks_per_step; the first also forward+backward and its "
-                  "backward's parts")
+                  "kv_major:num_warps:num_stages:blocks_per_step[:dq_atomic], forward and forward+backward; "
+                  "the first also its backward's parts")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -184,17 +184,18 @@ def _breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
     }
     for n, spec in enumerate(FLAGS.selection_configs):
-        kv_major, warps, stages, per_step = (int(x) for x in spec.split(":"))
+        kv_major, warps, stages, per_step, dq_atomic = (int(x) for x in (spec + ":0").split(":")[:5])
         cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major),
-                              rows_per_token=layout.group_size, blocks_per_step=per_step)
+                              rows_per_token=layout.group_size, blocks_per_step=per_step,
+                              dq_atomic=bool(dq_atomic))
         slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
         try:
             times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
+            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v, idx)
         except Exception as e:  # noqa: BLE001 - a setting that does not fit the device is reported, not fatal
             times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
         if n == 0:
-            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v, idx)
             o, lse = jax.jit(slc)(q_rows, k, v, idx)
             delta = (o.astype(jnp.float32) ** 2).sum(-1)
             bwd_args = (q_rows, k, v, idx, o, lse, delta)

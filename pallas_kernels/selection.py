@@ -5,7 +5,9 @@ group (zero-padded to GR rows, a tensor-core tile), so one program serves a whol
 per chosen block. Forward and dq run one program per (token, KV head), gathering `blocks_per_step` chosen
 blocks per loop step (one wider load and product instead of several dependent small ones); dk / dv run one
 program per (KV block, KV head) over the tokens that chose that block (an inverted index built with a sort),
-so the backward does exactly the selected work, with no atomics.
+so the backward does exactly the selected work. dq comes from a per-token kernel like the forward, or, with
+`dq_atomic`, from the dk / dv kernel itself: each (block, token) pair adds its dq part to a float32 buffer
+with atomic adds (Triton lowering and interpret mode; summation order, hence the last bits, not fixed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.backend import call_options, ceil_div, dot
 
@@ -25,7 +28,8 @@ class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
     all), the only rows the dk / dv kernel gathers. num_warps, num_stages, kv_major tune the per-token
     kernels (forward, dq): Triton warps, pipeline stages, the grid order (KV head outermost; measured
-    slower on the H100) and the chosen blocks gathered per loop step."""
+    slower on the H100) and the chosen blocks gathered per loop step. dq_atomic: dq by atomic adds in the
+    dk / dv kernel instead of the per-token dq kernel (GPU and interpret mode only)."""
 
     block_size: int
     scale: float
@@ -34,6 +38,7 @@ class SelectionConfig:
     kv_major: bool = False
     rows_per_token: int | None = None
     blocks_per_step: int = 1
+    dq_atomic: bool = False
 
 
 def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
@@ -107,11 +112,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref,
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, delta_ref, *refs,
                 cfg: SelectionConfig, padded_rows: int, group_rows: int, tile_rows: int):
     """dk, dv of one KV block from the rows of the tokens that chose it, gathered `tile_rows` at a time: the
     first `group_rows` of each token's `padded_rows` rows (no padding rows), for tile_rows // group_rows
-    tokens per step. Row refs are flat: row `token * padded_rows + g`."""
+    tokens per step. Row refs are flat: row `token * padded_rows + g`. With cfg.dq_atomic, refs are (dq
+    buffer in, dk, dv, dq buffer out) and each step adds its rows' dq to the buffer (rows past the last token
+    go to distinct trash rows after the real ones, so no two rows of one add share an address)."""
+    dk_ref, dv_ref = refs[-3:-1] if cfg.dq_atomic else refs
     blk = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
@@ -132,6 +140,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, d
         p = _probs(s, lse)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        if cfg.dq_atomic:
+            target = jnp.where(ok, rows, q_ref.shape[0] + r)
+            plgpu.atomic_add(refs[-1], (target[:, None], jnp.arange(k.shape[1])[None, :]),
+                             dot(ds.astype(k.dtype), k) * cfg.scale)
         return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -192,34 +204,50 @@ def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
 
 
 def _dkv(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
-    """dk, dv [B, NB * bs, HKV, D] float32: one program per (KV block, KV head) over the tokens that chose it."""
+    """dk, dv [B, NB * bs, HKV, D] float32: one program per (KV block, KV head) over the tokens that chose it;
+    with cfg.dq_atomic also dq [B, Tp, HKV, GR, D] float32 (else None)."""
     b, tp, hkv, gr, d = q_rows.shape
     n_sel, tk = idx.shape[-1], k.shape[1]
     nb = tk // cfg.block_size
     tokens, offsets = inverted_index(idx, nb)
     group_rows = cfg.rows_per_token or gr
+    tile_rows = max(64, 1 << (group_rows - 1).bit_length())
     flat = lambda x: x.swapaxes(1, 2).reshape(b, hkv, tp * gr, *x.shape[4:])  # [B, HKV, Tp * GR, ...]
     all_rows = pl.BlockSpec((None, None, tp * gr, d), lambda i, h, j: (i, h, 0, 0))
     all_scalars = pl.BlockSpec((None, None, tp * gr), lambda i, h, j: (i, h, 0))
     block = pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, padded_rows=gr, group_rows=group_rows,
-                          tile_rows=max(64, 1 << (group_rows - 1).bit_length())),
+    in_specs = [all_rows, block, block, pl.BlockSpec((None, None, tp * n_sel), lambda i, h, j: (i, h, 0)),
+                pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)), all_rows, all_scalars, all_scalars]
+    args = [flat(q_rows), k, v, tokens, offsets, flat(do), flat(lse), flat(delta)]
+    out_specs, out_shape, aliases = [block, block], [jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2, {}
+    if cfg.dq_atomic:  # the real rows, then tile_rows trash rows
+        dq_rows = pl.BlockSpec((None, None, tp * gr + tile_rows, d), lambda i, h, j: (i, h, 0, 0))
+        in_specs.append(dq_rows)
+        args.append(jnp.zeros((b, hkv, tp * gr + tile_rows, d), jnp.float32))
+        out_specs.append(dq_rows)
+        out_shape.append(jax.ShapeDtypeStruct(args[-1].shape, jnp.float32))
+        aliases = {len(args) - 1: 2}
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, padded_rows=gr, group_rows=group_rows, tile_rows=tile_rows),
         grid=(b, hkv, nb),
-        in_specs=[all_rows, block, block, pl.BlockSpec((None, None, tp * n_sel), lambda i, h, j: (i, h, 0)),
-                  pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)), all_rows, all_scalars,
-                  all_scalars],
-        out_specs=[block, block],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         name="nsa_selection_dkv",
         **call_options(),
-    )(flat(q_rows), k, v, tokens, offsets, flat(do), flat(lse), flat(delta))
+    )(*args)
+    if not cfg.dq_atomic:
+        return (*outs, None)
+    dk, dv, dq = outs
+    return dk, dv, dq[:, :, :tp * gr].reshape(b, hkv, tp, gr, d).swapaxes(1, 2)
 
 
 def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
-    dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
-    dk, dv = _dkv(cfg, q_rows, k, v, idx, do, lse, delta)
+    dk, dv, dq = _dkv(cfg, q_rows, k, v, idx, do, lse, delta)
+    if dq is None:
+        dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
     return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
