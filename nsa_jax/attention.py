@@ -5,10 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Attention with explicit masks runs this many query rows at a time: masks of [B, 1, chunk, S], not [B, 1, T, S].
+QUERY_CHUNK = 2048
+
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-                    kv_valid: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+                    kv_valid: jax.Array | None = None, implementation: str | None = None,
+                    query_chunk: int = QUERY_CHUNK) -> jax.Array:
     """Softmax attention, q [B,T,H,D], k/v [B,S,K,D] with H divisible by K (GQA), scale 1/sqrt(D).
 
     causal: query i sees keys j <= i + S - T (the queries are the last T positions of the keys).
@@ -16,11 +20,14 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     of the same segment (packed samples).
     kv_valid [B,S] bool: keys that exist (padding masked out). A row with no visible key returns zeros.
     Without masks (and T == S) this is `jax.nn.dot_product_attention` (cuDNN on GPU where
-    `implementation="cudnn"`).
+    `implementation="cudnn"`); with masks, queries go `query_chunk` rows at a time.
     """
     t, s = q.shape[1], k.shape[1]
     if segment_ids is None and kv_valid is None and (t == s or not causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    if t > query_chunk:
+        return _query_chunks(q, k, v, None, chunk=query_chunk, causal=causal, segment_ids=segment_ids,
+                             kv_valid=kv_valid, implementation=implementation)
     mask = jnp.ones((q.shape[0], 1, t, s), bool)
     if causal:
         mask &= jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
@@ -33,7 +40,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     return jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], out, 0).astype(out.dtype)
 
 
-def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, *, chunk: int,
+def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, *, chunk: int = QUERY_CHUNK,
                          segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
                          implementation: str | None = None) -> jax.Array:
     """Causal `dense_attention` for the query rows where `rows` [B,T] holds; other rows may get anything.
@@ -41,18 +48,30 @@ def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Arr
     Queries go in chunks of `chunk` rows against the keys up to the chunk's end; a chunk with none of the
     rows (e.g. the middle of a long video, whose tokens take the NSA branch) is skipped at run time.
     """
-    t = q.shape[1]
-    if t <= chunk:
+    if q.shape[1] <= chunk:
         return dense_attention(q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid,
                                implementation=implementation)
+    return _query_chunks(q, k, v, rows, chunk=chunk, causal=True, segment_ids=segment_ids, kv_valid=kv_valid,
+                         implementation=implementation)
+
+
+def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, segment_ids, kv_valid,
+                  implementation) -> jax.Array:
+    """`dense_attention` `chunk` query rows at a time, each chunk against the keys it can see; with `rows`,
+    chunks holding none of them are skipped (zeros)."""
+    t, s = q.shape[1], k.shape[1]
+    q_seg, k_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)) \
+        if segment_ids is not None else (None, None)
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
-        seg = None if segment_ids is None else (segment_ids[:, start:end], segment_ids[:, :end])
-        valid = None if kv_valid is None else kv_valid[:, :end]
+        stop = end + s - t if causal else s  # the last key a causal chunk sees, plus one
+        seg = None if q_seg is None else (q_seg[:, start:end], k_seg[:, :stop])
+        valid = None if kv_valid is None else kv_valid[:, :stop]
         attend = lambda a, b, c, seg=seg, valid=valid: dense_attention(
-            a, b, c, causal=True, segment_ids=seg, kv_valid=valid, implementation=implementation)
-        qc = q[:, start:end]
-        outs.append(jax.lax.cond(rows[:, start:end].any(), attend, lambda a, b, c: jnp.zeros_like(a),
-                                 qc, k[:, :end], v[:, :end]))
+            a, b, c, causal=causal, segment_ids=seg, kv_valid=valid, implementation=implementation,
+            query_chunk=chunk)
+        args = (q[:, start:end], k[:, :stop], v[:, :stop])
+        outs.append(attend(*args) if rows is None else jax.lax.cond(
+            rows[:, start:end].any(), attend, lambda a, b, c: jnp.zeros_like(a), *args))
     return jnp.concatenate(outs, axis=1)

@@ -30,11 +30,6 @@ def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
     return ~((t == h) & (t == w))
 
 
-# Mode native: text queries take dense attention in chunks of this many rows; chunks of vision tokens only
-# (the NSA branch's) are skipped.
-DENSE_QUERY_CHUNK = 2048
-
-
 class NSAAttention(DenseAttention):
     """Qwen2.5-VL attention with the VideoNSA gates (`g_proj_1`, `g_proj_2`) and hybrid routing."""
 
@@ -96,7 +91,7 @@ class NSAAttention(DenseAttention):
         o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg,
                           videonsa=False)
         o_nsa = take(o_nsa, inverse)
-        o_dense = dense_attention_rows(q, k, v, ~vision, chunk=DENSE_QUERY_CHUNK, segment_ids=segment_ids,
+        o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
                                        kv_valid=kv_valid, implementation=self.implementation)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
 

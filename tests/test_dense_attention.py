@@ -28,3 +28,18 @@ def test_rows_chunked_equals_dense_on_the_rows():
     plain = dense_attention(q, k, v, causal=True)
     got = dense_attention_rows(q, k, v, jnp.asarray(rows), chunk=chunk)
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(plain)[rows], atol=1e-6)
+
+
+def test_masked_attention_in_query_chunks_equals_one_shot():
+    b, t, s, h, kv, d = 2, 37, 45, 4, 2, 8  # the queries are the last 37 of 45 keys
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    k, v = (jax.random.normal(kk, (b, s, kv, d)) for kk in ks[1:])
+    k_seg = jnp.asarray([[1] * 30 + [2] * 15, [3] * 45])
+    valid = jnp.asarray([[True] * 45, [False] * 5 + [True] * 40])  # left padding in row 1
+    for causal in (True, False):
+        kw = dict(causal=causal, segment_ids=(k_seg[:, s - t:], k_seg), kv_valid=valid)
+        want = dense_attention(q, k, v, **kw, query_chunk=t)
+        got = dense_attention(q, k, v, **kw, query_chunk=8)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+        assert float(jnp.abs(want).max()) > 0
