@@ -158,6 +158,16 @@ def test_padded_layout_gives_the_same_vision_features():
         padded_vision_layout(table, rows + 2, cfg)
 
 
+def test_checkpoints_only_on_the_interval(tmp_path):
+    from nsa_jax.training.checkpoint import Checkpointer
+    from nsa_jax.training.train_step import TrainState
+    ckpt = Checkpointer(str(tmp_path), save_every=3, async_save=False)
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(2)}, {"m": jnp.zeros(2)}, jnp.zeros((), jnp.int32))
+    saved = [ckpt.save(s, state, {"step": s}) for s in (1, 2, 3, 4)] + [ckpt.save(5, state, {}, force=True)]
+    ckpt.close()
+    assert saved == [False, False, True, False, True] and ckpt.steps() == [3, 5]  # no save of the first step
+
+
 def test_frame_chunks_by_hand():
     cfg = tiny_config().vision
     # Frames of 16, 16, 32, 16 rows (two videos and an image) over 2 chunks of 48 rows.

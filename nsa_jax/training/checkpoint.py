@@ -29,7 +29,10 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
+        # Only the interval (and `force`): Orbax's default policy also saves the first step of a fresh run,
+        # which wrote the 3B config's 47 GB state while step 2 ran.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                               should_save_fn=lambda step, last: step % save_every == 0,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
