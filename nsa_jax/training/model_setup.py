@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -55,8 +56,9 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
 
     attention_impl: `jax.nn.dot_product_attention` implementation of the language model's dense attention
     ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs).
-    Random parameters are initialised directly into their shards; `init_from` (HF or Orbax directory,
-    `nsa_jax.conversion.from_pretrained`) is loaded on the host and replaces every parameter it holds.
+    Random parameters are initialised on the host CPU and placed (on TPU: directly into their shards);
+    `init_from` (HF or Orbax directory, `nsa_jax.conversion.from_pretrained`) is loaded on the host and
+    replaces every parameter it holds.
     """
     dtype = jnp.dtype(compute_dtype)
 
@@ -72,14 +74,15 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
     init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))
-    if jax.default_backend() == "gpu" and jax.process_count() == 1:
-        # XLA:GPU took > 8 minutes to compile this initialisation for the 1B-class preset on an H100 (XLA:CPU:
-        # seconds): initialise on the host, then place the parameters.
-        cpu = jax.local_devices(backend="cpu")[0]
-        params = jax.device_put(jax.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(cpu))(
-            jax.device_put(key, cpu)), shardings)
-    else:
+    if jax.default_backend() == "tpu":
         params = jax.jit(init, out_shardings=shardings)(key)
+    else:
+        # XLA:GPU took > 8 minutes to compile this initialisation for the 1B-class preset on an H100 (XLA:CPU:
+        # seconds): every process initialises the whole model on its host CPU (same key, same values), then
+        # places the shards its devices hold.
+        cpu = jax.local_devices(backend="cpu")[0]
+        host = jax.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(cpu))(jax.device_put(key, cpu))
+        params = jax.tree.map(_place_from_host, host, shardings)
     if init_from:
         from nsa_jax.conversion import from_pretrained
         loaded = from_pretrained(init_from)
@@ -88,6 +91,12 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
         # A plain Qwen2.5-VL checkpoint has no NSA gates: those keep their fresh initialisation.
         params = _overlay(params, nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), shardings)
     return graphdef, params
+
+
+def _place_from_host(value: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array with `sharding` from the whole value, which every process holds."""
+    whole = np.asarray(value)
+    return jax.make_array_from_callback(whole.shape, sharding, lambda index: whole[index])
 
 
 def _overlay(params: dict, loaded: dict, shardings: dict) -> dict:
