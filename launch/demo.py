@@ -33,12 +33,11 @@ flags.DEFINE_string("forms", "open", "Question forms trained and evaluated: open
 FLAGS = flags.FLAGS
 
 # Every video: 32 frames of 56 x 56 at 8 fps, read at 4 fps -> 16 frames -> an (8, 4, 4) patch grid: 128 pixel
-# rows and 32 vision tokens. The shape fills most of the frame (radius 0.45, centred) on a dark background for
-# 6-8 frames (3-4 sampled frames) once to three times.
+# rows and 32 vision tokens, as `configs/demo.py` budgets. The shape fills most of the frame (radius 0.45,
+# centred) on a dark background for 6-8 frames (3-4 sampled frames) once to three times.
 VIDEO = {"frames_range": (32, 32), "fps": 8, "duration_range": (6, 8), "sizes": ((56, 56),),
          "radius_range": (0.45, 0.45), "background_level": 50.0}
 FPS, MAX_FRAMES, MIN_PIXELS, MAX_PIXELS = 4.0, 16, 3136, 3136
-PATCHES_PER_VIDEO = 128
 
 
 def _step(title: str) -> float:
@@ -107,9 +106,11 @@ def main(argv) -> None:
     t = _step("3/6 train a tiny VideoNSA on CPU")
     config = configs.demo.get_config()
     config.model.nsa.mode = "native"
-    # A multiple-choice prompt (question, four options, instruction) is up to 256 tokens, an open one 160.
-    config.data.update(source="shards", shards_dir=records, seq_len=272 if "mc" in forms else 192,
-                       max_patches=config.data.batch_size * PATCHES_PER_VIDEO)
+    # Pixel rows and an open question (up to 160 tokens) fit the config's budget; a multiple-choice prompt
+    # (question, four options, instruction) is up to 256 tokens.
+    config.data.update(source="shards", shards_dir=records)
+    if "mc" in forms:
+        config.data.seq_len = 272
     config.train.update(steps=FLAGS.steps, log_every=50)
     config.checkpoint.update(every=FLAGS.steps, keep=1)
     train_dir = os.path.join(work, "train")
