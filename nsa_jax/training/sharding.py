@@ -123,11 +123,10 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_spec(name: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a batch array: tokens are [B, T] (position ids [3, B, T]); pixel rows [N, D]."""
+    """Logical axes of a token array of a batch: [B, T] (position ids [3, B, T]). Pixel rows are placed by
+    `device_batch.vision_input`."""
     if name == "position_ids":
         return (None, "batch", "sequence")
-    if name == "pixel_values":
-        return ("patches", None)
     if ndim >= 2:
         return ("batch", "sequence") + (None,) * (ndim - 2)
     return (None,) * ndim
