@@ -45,10 +45,12 @@ def vision_input(pixels: np.ndarray, grid_thw: np.ndarray, config: ModelConfig, 
     local = chunks // count
     chunked, layout, real = host_chunks(pixels, grid_thw, local, vision)
     if count > 1:  # one chunk size and one padded layout shape for all processes
-        agreed = _allgather(np.asarray([chunked.shape[1], *(d for seg in layout[3:] for d in seg.gather.shape[1:])]))
-        agreed = agreed.max(axis=0)
-        chunked, layout, real = host_chunks(pixels, grid_thw, local, vision, min_rows=int(agreed[0]),
-                                            min_segments=tuple(int(d) for d in agreed[1:]))
+        own = np.asarray([chunked.shape[1], *layout.window_segments.gather.shape[1:],
+                          *layout.frame_segments.gather.shape[1:]])
+        agreed = _allgather(own).max(axis=0)
+        if np.any(agreed != own):
+            chunked, layout, real = host_chunks(pixels, grid_thw, local, vision, min_rows=int(agreed[0]),
+                                                min_segments=tuple(int(d) for d in agreed[1:]))
     order = token_order(_allgather(real).reshape(-1), chunked.shape[1] // vision.spatial_merge_size**2)
     place = lambda a: jax.make_array_from_process_local_data(
         named(mesh, "patches", *([None] * (a.ndim - 1)), shape=(a.shape[0] * count,) + a.shape[1:]), a)

@@ -5,7 +5,7 @@ are given dummy frames (1, 2, w) so `vision_layout` covers every row; their merg
 real ones and are never scattered into the sequence (the sequence has no placeholder token for them). The
 layout's attention segment grids are then padded up to bucketed sizes, so the jitted step recompiles only
 when a batch crosses a bucket. For training on several devices the rows are split into chunks of whole
-frames (`frame_chunks`), one per device, each with its own layout (`stack_layouts`).
+frames, one per device, each with its own layout (`frame_chunks`, `host_chunks`).
 """
 
 from __future__ import annotations
@@ -145,9 +145,12 @@ def host_chunks(pixels: np.ndarray, grid_thw: np.ndarray, num_chunks: int, cfg: 
     stack = lambda items: type(items[0])(*(np.stack(parts) for parts in zip(*items)))
     layout = VisionLayout(np.stack([lay.pos_hw for lay in layouts]), np.stack([lay.window_index for lay in layouts]),
                           np.stack([lay.reverse_index for lay in layouts]), stack(window), stack(frame))
-    chunked = np.zeros((num_chunks, plan.rows, pixels.shape[-1]), pixels.dtype)
-    for c, (first, n) in enumerate(zip(plan.starts, plan.real_rows)):
-        chunked[c, :n] = pixels[first:first + n]
+    if pixels.shape[0] == num_chunks * plan.rows and plan.starts == [c * plan.rows for c in range(num_chunks)]:
+        chunked = pixels.reshape(num_chunks, plan.rows, -1)  # the chunks are the rows as they lie: no copy
+    else:
+        chunked = np.zeros((num_chunks, plan.rows, pixels.shape[-1]), pixels.dtype)
+        for c, (first, n) in enumerate(zip(plan.starts, plan.real_rows)):
+            chunked[c, :n] = pixels[first:first + n]
     return chunked, layout, np.asarray(plan.real_rows) // cfg.spatial_merge_size**2
 
 
