@@ -41,8 +41,9 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
                   "forward+backward")
 flags.DEFINE_list("selection_configs", ["0:4:2:1"], "breakdown: selection kernel settings to time, each "
-                  "kv_major:num_warps:num_stages:blocks_per_step[:dq_atomic], forward and forward+backward; "
-                  "the first also its backward's parts")
+                  "kv_major:num_warps:num_stages:blocks_per_step[:block_forward[:token_dq]] (0 / 1 flags, 1 if "
+                  "left out), forward and forward+backward; "
+                  "the first also its inverted index and its backward alone")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -148,7 +149,8 @@ def _breakdown(t: int) -> dict:
     from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
-    from pallas_kernels.selection import SelectionConfig, _dkv, _dq, inverted_index, selection_attention
+    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
+                                          _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
 
     q, k, v, _, _ = _jax_inputs(t)
     b, _, hq, d = q.shape
@@ -184,10 +186,10 @@ def _breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
     }
     for n, spec in enumerate(FLAGS.selection_configs):
-        kv_major, warps, stages, per_step, dq_atomic = (int(x) for x in (spec + ":0").split(":")[:5])
+        kv_major, warps, stages, per_step, block_fwd, token_dq = (int(x) for x in (spec + ":1:1").split(":")[:6])
         cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major),
                               rows_per_token=layout.group_size, blocks_per_step=per_step,
-                              dq_atomic=bool(dq_atomic))
+                              forward="block" if block_fwd else "token", dq="token" if token_dq else "partial")
         slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
         try:
             times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
@@ -196,12 +198,16 @@ def _breakdown(t: int) -> dict:
             times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
         if n == 0:
-            o, lse = jax.jit(slc)(q_rows, k, v, idx)
-            delta = (o.astype(jnp.float32) ** 2).sum(-1)
-            bwd_args = (q_rows, k, v, idx, o, lse, delta)
-            times[f"selection_dq[{spec}]"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dq(cfg, *a)), *bwd_args)
-            times[f"selection_dkv[{spec}]"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dkv(cfg, *a)), *bwd_args)
-            times["selection_inverted_index"] = _time_jax(jax.jit(lambda i: inverted_index(i, t // bs)), idx)
+            res = jax.jit(lambda *a, cfg=cfg: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)
+            sh = _shapes(cfg, q_rows, idx.shape[-1])
+            times["selection_index"] = _time_jax(jax.jit(lambda i: _chunked_index(sh, i, t // bs)), idx)
+            partials = lambda ci, cfg=cfg: _block_call(
+                _fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
+                [("partial", q.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
+            times["selection_index_and_fwd_kernel"] = _time_jax(
+                jax.jit(lambda i: jax.lax.map(partials, _chunked_index(sh, i, t // bs))), idx)
+            dlse = jnp.zeros(res[4].shape, jnp.float32)
+            times["selection_bwd"] = _time_jax(jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[3], dlse)), res)
     return times
 
 

@@ -1,13 +1,14 @@
 """Selection branch: each token attends, causally, the tokens of the blocks chosen for its KV head.
 
 Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virtual rows of each KV head's
-group (zero-padded to GR rows, a tensor-core tile), so one program serves a whole group with one K / V load
-per chosen block. Forward and dq run one program per (token, KV head), gathering `blocks_per_step` chosen
-blocks per loop step (one wider load and product instead of several dependent small ones); dk / dv run one
-program per (KV block, KV head) over the tokens that chose that block (an inverted index built with a sort),
-so the backward does exactly the selected work. dq comes from a per-token kernel like the forward, or, with
-`dq_atomic`, from the dk / dv kernel itself: each (block, token) pair adds its dq part to a float32 buffer
-with atomic adds (Triton lowering and interpret mode; summation order, hence the last bits, not fixed).
+group (zero-padded to GR rows). The kernels are block-centric: one program per (KV block, KV head) loads the
+block once and runs over the tokens that chose it (an inverted index built with a sort), gathering the real
+rows of several tokens into 64-row tiles, so each does exactly the selected work. The forward writes a
+partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; the backward adds
+into dk / dv and writes a float32 partial dq per (token, slot), summed over the slots. Tokens run in chunks
+whose partials fit `partial_bytes` (dk / dv accumulate over the chunks; the forward's inverted index is kept
+for the backward). The per-token forward (`forward="token"`: one program per token and KV head, reading each
+chosen block per token) remains to compare.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.backend import call_options, ceil_div, dot
 
@@ -26,10 +26,11 @@ from pallas_kernels.backend import call_options, ceil_div, dot
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
-    all), the only rows the dk / dv kernel gathers. num_warps, num_stages, kv_major tune the per-token
-    kernels (forward, dq): Triton warps, pipeline stages, the grid order (KV head outermost; measured
-    slower on the H100) and the chosen blocks gathered per loop step. dq_atomic: dq by atomic adds in the
-    dk / dv kernel instead of the per-token dq kernel (GPU and interpret mode only)."""
+    all), the only rows the block-centric kernels gather. num_warps, num_stages: Triton's. forward: "block"
+    or "token"; dq: "partial" (in the block-centric backward) or "token" (a per-token kernel); kv_major (grid
+    order, KV head outermost) and blocks_per_step (chosen blocks gathered per loop step) tune the per-token
+    kernels. partial_bytes: bound on the float32 partial dq of one chunk of tokens
+    (the forward's bf16 partials take half)."""
 
     block_size: int
     scale: float
@@ -38,7 +39,9 @@ class SelectionConfig:
     kv_major: bool = False
     rows_per_token: int | None = None
     blocks_per_step: int = 1
-    dq_atomic: bool = False
+    forward: str = "block"
+    dq: str = "token"
+    partial_bytes: int = 2 << 30
 
 
 def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
@@ -97,62 +100,7 @@ def _probs(s, lse):
     return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
-               n_sel: int):
-    token = pl.program_id(2 if cfg.kv_major else 1)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    per_step = min(cfg.blocks_per_step, n_sel)
-
-    def body(j, dq):
-        s, k, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
-        ds = _probs(s, lse) * (dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
-        return dq + dot(ds.astype(k.dtype), k)
-
-    dq = jax.lax.fori_loop(0, n_sel // per_step, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(q_ref, k_ref, v_ref, tokens_ref, offsets_ref, do_ref, lse_ref, delta_ref, *refs,
-                cfg: SelectionConfig, padded_rows: int, group_rows: int, tile_rows: int):
-    """dk, dv of one KV block from the rows of the tokens that chose it, gathered `tile_rows` at a time: the
-    first `group_rows` of each token's `padded_rows` rows (no padding rows), for tile_rows // group_rows
-    tokens per step. Row refs are flat: row `token * padded_rows + g`. With cfg.dq_atomic, refs are (dq
-    buffer in, dk, dv, dq buffer out) and each step adds its rows' dq to the buffer (rows past the last token
-    go to distinct trash rows after the real ones, so no two rows of one add share an address)."""
-    dk_ref, dv_ref = refs[-3:-1] if cfg.dq_atomic else refs
-    blk = pl.program_id(2)
-    k, v = k_ref[...], v_ref[...]
-    cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
-    first, last = offsets_ref[blk], offsets_ref[blk + 1]
-    per_step = tile_rows // group_rows
-    r = jnp.arange(tile_rows)
-    slot_in_step, g = r // group_rows, r % group_rows
-
-    def body(step, carry):
-        dk, dv = carry
-        slot = first + step * per_step + slot_in_step
-        ok = (slot < last) & (slot_in_step < per_step)  # rows past the last token repeat it, with p = 0
-        token = tokens_ref[jnp.minimum(slot, last - 1)]
-        rows = token * padded_rows + g
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        lse, delta = jnp.where(ok, lse_ref[rows], -jnp.inf), jnp.where(ok, delta_ref[rows], 0.0)
-        s = jnp.where(cols <= token[:, None], dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
-        p = _probs(s, lse)
-        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-        if cfg.dq_atomic:
-            target = jnp.where(ok, rows, q_ref.shape[0] + r)
-            plgpu.atomic_add(refs[-1], (target[:, None], jnp.arange(k.shape[1])[None, :]),
-                             dot(ds.astype(k.dtype), k) * cfg.scale)
-        return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, ceil_div(last - first, per_step), body, (zeros, zeros))
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
+def _fwd_token_major(cfg: SelectionConfig, q_rows, k, v, idx):
     b, tp, hkv, gr, d = q_rows.shape
     n_sel, tk = idx.shape[-1], k.shape[1]
     grid, order = _token_grid(cfg, b, tp, hkv)
@@ -171,15 +119,19 @@ def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
     )(q_rows, k, v, idx)
 
 
-def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
-    """For each (batch, KV head): the tokens that chose each block, grouped by block ([B, HKV, Tp * S]), and
-    the offsets of each block's group ([B, HKV, num_blocks + 1])."""
-    b, tp, hkv, s = idx.shape
-    flat = jnp.where(idx >= 0, idx, num_blocks).transpose(0, 2, 1, 3).reshape(b, hkv, tp * s)
-    order = jnp.argsort(flat, axis=-1, stable=True)
-    sorted_blocks = jnp.take_along_axis(flat, order, axis=-1)
-    search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, jnp.arange(num_blocks + 1), side="left")))
-    return (order // s).astype(jnp.int32), search(sorted_blocks).astype(jnp.int32)
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
+               n_sel: int):
+    token = pl.program_id(2 if cfg.kv_major else 1)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    per_step = min(cfg.blocks_per_step, n_sel)
+
+    def body(j, dq):
+        s, k, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
+        ds = _probs(s, lse) * (dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, n_sel // per_step, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
@@ -203,51 +155,258 @@ def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
     )(q_rows, k, v, idx, do, lse, delta)
 
 
-def _dkv(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
-    """dk, dv [B, NB * bs, HKV, D] float32: one program per (KV block, KV head) over the tokens that chose it;
-    with cfg.dq_atomic also dq [B, Tp, HKV, GR, D] float32 (else None)."""
+def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """For each (batch, KV head): the entries `token * S + slot` of idx [B, C, HKV, S] grouped by chosen block,
+    tokens in order within a block ([B, HKV, C * S]; empty entries last), and the offsets of each block's
+    group ([B, HKV, num_blocks + 1])."""
+    b, c, hkv, s = idx.shape
+    flat = jnp.where(idx >= 0, idx, num_blocks).transpose(0, 2, 1, 3).reshape(b, hkv, c * s)
+    order = jnp.argsort(flat, axis=-1, stable=True)
+    sorted_blocks = jnp.take_along_axis(flat, order, axis=-1)
+    search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, jnp.arange(num_blocks + 1), side="left")))
+    return order.astype(jnp.int32), search(sorted_blocks).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """Static shapes of the block-centric kernels. Rows are flat over (token, KV head, padded row)."""
+    hkv: int
+    padded_rows: int  # GR
+    group_rows: int  # the real rows among each token's GR: the only ones gathered
+    n_sel: int
+    chunk: int  # tokens per chunk
+
+    @property
+    def tile_rows(self) -> int:
+        return max(64, 1 << (self.group_rows - 1).bit_length())
+
+    @property
+    def partial_rows(self) -> int:
+        """One partial row per (token, KV head, slot, real row) of a chunk; tile_rows trash rows follow."""
+        return self.chunk * self.hkv * self.n_sel * self.group_rows
+
+
+def _shapes(cfg: SelectionConfig, q_rows, n_sel: int) -> _Shapes:
     b, tp, hkv, gr, d = q_rows.shape
-    n_sel, tk = idx.shape[-1], k.shape[1]
-    nb = tk // cfg.block_size
-    tokens, offsets = inverted_index(idx, nb)
     group_rows = cfg.rows_per_token or gr
-    tile_rows = max(64, 1 << (group_rows - 1).bit_length())
-    flat = lambda x: x.swapaxes(1, 2).reshape(b, hkv, tp * gr, *x.shape[4:])  # [B, HKV, Tp * GR, ...]
-    all_rows = pl.BlockSpec((None, None, tp * gr, d), lambda i, h, j: (i, h, 0, 0))
-    all_scalars = pl.BlockSpec((None, None, tp * gr), lambda i, h, j: (i, h, 0))
-    block = pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))
-    in_specs = [all_rows, block, block, pl.BlockSpec((None, None, tp * n_sel), lambda i, h, j: (i, h, 0)),
-                pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)), all_rows, all_scalars, all_scalars]
-    args = [flat(q_rows), k, v, tokens, offsets, flat(do), flat(lse), flat(delta)]
-    out_specs, out_shape, aliases = [block, block], [jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2, {}
-    if cfg.dq_atomic:  # the real rows, then tile_rows trash rows
-        dq_rows = pl.BlockSpec((None, None, tp * gr + tile_rows, d), lambda i, h, j: (i, h, 0, 0))
-        in_specs.append(dq_rows)
-        args.append(jnp.zeros((b, hkv, tp * gr + tile_rows, d), jnp.float32))
-        out_specs.append(dq_rows)
-        out_shape.append(jax.ShapeDtypeStruct(args[-1].shape, jnp.float32))
-        aliases = {len(args) - 1: 2}
-    outs = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, padded_rows=gr, group_rows=group_rows, tile_rows=tile_rows),
-        grid=(b, hkv, nb),
+    token_bytes = b * hkv * n_sel * group_rows * d * 4  # the backward's float32 dq partials
+    n_chunks = max(1, ceil_div(tp * token_bytes, cfg.partial_bytes))
+    return _Shapes(hkv, gr, group_rows, n_sel, ceil_div(tp, n_chunks))
+
+
+def _chunked_index(sh: _Shapes, idx, num_blocks: int):
+    """(idx in chunks of sh.chunk tokens [N, B, C, HKV, S], -1 past the end; each chunk's inverted index
+    entries [N, B, HKV, C * S] and offsets [N, B, HKV, num_blocks + 1]; each chunk's first token [N])."""
+    b, tp, hkv, n_sel = idx.shape
+    n = ceil_div(tp, sh.chunk)
+    idx = jnp.pad(idx, ((0, 0), (0, n * sh.chunk - tp), (0, 0), (0, 0)), constant_values=-1)
+    chunks = idx.reshape(b, n, sh.chunk, hkv, n_sel).swapaxes(0, 1)
+    entries, offsets = jax.vmap(lambda i: inverted_index(i, num_blocks))(chunks)
+    return chunks, entries, offsets, jnp.arange(n, dtype=jnp.int32) * sh.chunk
+
+
+def _unchunk(x, tp: int):
+    """[N, B, C, ...] -> [B, tp, ...]."""
+    return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :tp]
+
+
+def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offsets_ref, base_ref, k, tile_fn,
+               init):
+    """Folds tile_fn over the chunk's tokens that chose this program's KV block, `tile_rows` gathered rows
+    at a time (the real rows of tile_rows // group_rows tokens). tile_fn(carry, q, rows, ok, out, s) gets
+    the gathered q, their row numbers, which are real (rows past the last token repeat it), the partial
+    rows to write ((token * HKV + head) * S + slot) * group_rows + g (trash rows where not ok) and the
+    causally masked scores s [tile_rows, bs]. ids: the program's (KV head, KV block)."""
+    h, blk = ids
+    first, last, base = offsets_ref[blk], offsets_ref[blk + 1], base_ref[0]
+    cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
+    per_step = sh.tile_rows // sh.group_rows
+    r = jnp.arange(sh.tile_rows)
+    pos, g = r // sh.group_rows, r % sh.group_rows
+
+    def body(step, carry):
+        e = first + step * per_step + pos
+        ok = (e < last) & (pos < per_step)
+        entry = entries_ref[jnp.minimum(e, last - 1)]
+        local, slot = entry // sh.n_sel, entry % sh.n_sel
+        rows = ((base + local) * sh.hkv + h) * sh.padded_rows + g
+        out = jnp.where(ok, ((local * sh.hkv + h) * sh.n_sel + slot) * sh.group_rows + g, sh.partial_rows + r)
+        q = q_ref[rows, :]
+        s = jnp.where(cols <= (base + local)[:, None], dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+        return tile_fn(carry, q, rows, ok, out, s)
+
+    return jax.lax.fori_loop(0, ceil_div(last - first, per_step), body, init)
+
+
+def _program(offsets_ref):
+    """(KV head, KV block) of this program (read outside conditionals: interpret mode needs it), and
+    whether any token of the chunk chose the block."""
+    h, blk = pl.program_id(1), pl.program_id(2)
+    return (h, blk), offsets_ref[blk + 1] > offsets_ref[blk]
+
+
+def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, o_ref, lse_ref, *,
+                       cfg: SelectionConfig, sh: _Shapes):
+    """Partial output and log-sum-exp of each (token, slot) of a chunk that chose this KV block."""
+
+    ids, chosen = _program(offsets_ref)
+
+    @pl.when(chosen)
+    def _():
+        v = v_ref[...]
+
+        def tile(carry, q, rows, ok, out, s):
+            m = s.max(axis=1)
+            m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+            p = jnp.exp(s - m_safe[:, None])
+            l = p.sum(axis=1)
+            l_safe = jnp.where(l > 0, l, 1.0)
+            o_ref[out, :] = (dot(p.astype(v.dtype), v) / l_safe[:, None]).astype(o_ref.dtype)
+            lse_ref[out] = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
+            return carry
+
+        _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k_ref[...], tile, 0)
+
+
+def _bwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, do_ref, lse_ref, delta_ref,
+                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, *dq_ref, cfg: SelectionConfig, sh: _Shapes):
+    """Adds this KV block's dk, dv from a chunk's tokens that chose it to dk_in / dv_in (aliased to dk / dv:
+    untouched when none chose it); writes the partial dq of each (token, slot) [float32]."""
+
+    ids, chosen = _program(offsets_ref)
+
+    @pl.when(chosen)
+    def _():
+        k, v = k_ref[...], v_ref[...]
+
+        def tile(carry, q, rows, ok, out, s):
+            dk, dv = carry
+            do = do_ref[rows, :]
+            p = _probs(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])
+            if dq_ref:
+                dq_ref[0][out, :] = dot(ds.astype(k.dtype), k) * cfg.scale
+            return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+        zeros = jnp.zeros(k.shape, jnp.float32)
+        dk, dv = _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k, tile, (zeros, zeros))
+        dk_ref[...] = dk_in_ref[...] + dk * cfg.scale
+        dv_ref[...] = dv_in_ref[...] + dv
+
+
+def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index, extra_in,
+                out_kinds, aliases=None):
+    """pallas_call of a block-centric kernel over grid (B, HKV, NB) for one chunk: inputs q_flat, k, v, the
+    chunk's inverted index and first token, then `extra_in` as (array, kind); outputs of `out_kinds`, each
+    (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch), "block" (this KV block),
+    "partial" / "partial_scalars" (the chunk's partial rows and trash rows)."""
+    b, n_rows, d = q_flat.shape
+    nb = k.shape[1] // cfg.block_size
+    n_partial = sh.partial_rows + sh.tile_rows
+    specs = {
+        "rows": ((n_rows, d), pl.BlockSpec((None, n_rows, d), lambda i, h, j: (i, 0, 0))),
+        "row_scalars": ((n_rows,), pl.BlockSpec((None, n_rows), lambda i, h, j: (i, 0))),
+        "block": (None, pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))),
+        "partial": ((n_partial, d), pl.BlockSpec((None, n_partial, d), lambda i, h, j: (i, 0, 0))),
+        "partial_scalars": ((n_partial,), pl.BlockSpec((None, n_partial), lambda i, h, j: (i, 0))),
+    }
+    _, entries, offsets, base = chunk_index
+    in_specs = [specs["rows"][1], specs["block"][1], specs["block"][1],
+                pl.BlockSpec((None, None, sh.chunk * sh.n_sel), lambda i, h, j: (i, h, 0)),
+                pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)),
+                pl.BlockSpec((1,), lambda i, h, j: (0,))] + [specs[kind][1] for _, kind in extra_in]
+    out_shape = [jax.ShapeDtypeStruct(k.shape if kind == "block" else (b, *specs[kind][0]), dtype)
+                 for kind, dtype in out_kinds]
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, sh=sh),
+        grid=(b, sh.hkv, nb),
         in_specs=in_specs,
-        out_specs=out_specs,
+        out_specs=[specs[kind][1] for kind, _ in out_kinds],
         out_shape=out_shape,
-        input_output_aliases=aliases,
-        name="nsa_selection_dkv",
-        **call_options(),
-    )(*args)
-    if not cfg.dq_atomic:
-        return (*outs, None)
-    dk, dv, dq = outs
-    return dk, dv, dq[:, :, :tp * gr].reshape(b, hkv, tp, gr, d).swapaxes(1, 2)
+        input_output_aliases=aliases or {},
+        name=name,
+        **call_options(cfg.num_warps, cfg.num_stages),
+    )(q_flat, k, v, entries, offsets, base[None], *(x for x, _ in extra_in))
 
 
-def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
+def _partials(sh: _Shapes, idx, x):
+    """The chunk's partial rows [B, C, HKV, S, group_rows, ...] of x; idx [B, C, HKV, S] says which exist."""
+    b, c = idx.shape[:2]
+    return x[:, :sh.partial_rows].reshape(b, c, sh.hkv, sh.n_sel, sh.group_rows, *x.shape[2:])
+
+
+def _pad_rows(sh: _Shapes, x, value=0.0):
+    """[B, C, HKV, group_rows, ...] -> [B, C, HKV, GR, ...]."""
+    widths = [(0, 0)] * x.ndim
+    widths[3] = (0, sh.padded_rows - sh.group_rows)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index):
+    """(o [B, C, HKV, GR, D], lse [B, C, HKV, GR]) of one chunk: block-centric partials merged by log-sum-exp
+    over the slots. Partials of empty slots were never written: masked before any arithmetic."""
+    o_p, lse_p = _block_call(_fwd_blocks_kernel, "nsa_selection_fwd_blocks", cfg, sh, q_flat, k, v, chunk_index, [],
+                             [("partial", q_flat.dtype), ("partial_scalars", jnp.float32)])
+    idx = chunk_index[0]
+    lse_p = jnp.where((idx >= 0)[..., None], _partials(sh, idx, lse_p), -jnp.inf)
+    m = lse_p.max(axis=3, keepdims=True)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    w = jnp.exp(lse_p - m)
+    den = w.sum(axis=3)
+    o = jnp.where(w[..., None] > 0, w[..., None] * _partials(sh, idx, o_p).astype(jnp.float32), 0.0).sum(axis=3)
+    o = o / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.where(den > 0, m[:, :, :, 0] + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    return _pad_rows(sh, o.astype(q_flat.dtype)), _pad_rows(sh, lse, -jnp.inf)
+
+
+def _bwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, do_flat, lse_flat, delta_flat, chunk_index,
+               dk, dv):
+    """(dk + this chunk's part, dv + this chunk's part, dq [B, C, HKV, GR, D] float32 of the chunk or None)."""
+    extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars"), (dk, "block"),
+             (dv, "block")]
+    outs = [("block", jnp.float32), ("block", jnp.float32)] + [("partial", jnp.float32)] * (cfg.dq == "partial")
+    dk, dv, *dq_p = _block_call(_bwd_blocks_kernel, "nsa_selection_bwd_blocks", cfg, sh, q_flat, k, v,
+                                chunk_index, extra, outs, aliases={9: 0, 10: 1})
+    if not dq_p:
+        return dk, dv, None
+    idx, dq_p = chunk_index[0], dq_p[0]
+    dq = jnp.where((idx >= 0)[..., None, None], _partials(sh, idx, dq_p), 0.0).sum(axis=3)
+    return dk, dv, _pad_rows(sh, dq)
+
+
+def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
+    """(o_rows, lse, the chunked inverted index the backward reuses)."""
+    b, tp, hkv, gr, d = q_rows.shape
+    sh = _shapes(cfg, q_rows, idx.shape[-1])
+    index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
+    if cfg.forward == "token":
+        o, lse = _fwd_token_major(cfg, q_rows, k, v, idx)
+    else:
+        q_flat = q_rows.reshape(b, tp * hkv * gr, d)
+        o, lse = jax.lax.map(lambda ci: _fwd_chunk(cfg, sh, q_flat, k, v, ci), index)
+        o, lse = _unchunk(o, tp), _unchunk(lse, tp)
+    return o, lse, index
+
+
+def _backward(cfg: SelectionConfig, res, do, dlse):
+    q_rows, k, v, o, lse, index = res
+    b, tp, hkv, gr, d = q_rows.shape
+    sh = _shapes(cfg, q_rows, index[0].shape[-1])
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
-    dk, dv, dq = _dkv(cfg, q_rows, k, v, idx, do, lse, delta)
-    if dq is None:
-        dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
+    flat = lambda x: x.reshape(b, tp * hkv * gr, *x.shape[4:])
+
+    def chunk(carry, chunk_index):
+        dk, dv, dq = _bwd_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index,
+                                *carry)
+        return (dk, dv), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), index)
+    if cfg.dq == "token":
+        dq = _dq(cfg, q_rows, k, v, _unchunk(index[0], tp), do, lse, delta)
+    else:
+        dq = _unchunk(dq, tp)
     return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -255,17 +414,16 @@ def _backward(cfg: SelectionConfig, q_rows, k, v, idx, o, lse, do, dlse):
 def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx):
     """(o_rows [B, Tp, HKV, GR, D], lse [B, Tp, HKV, GR]). k, v [B, NB * bs, HKV, D]; idx [B, Tp, HKV, S]
     int32 chosen blocks (-1 = empty); a row attends keys j <= its token in its chosen blocks."""
-    return _forward(cfg, q_rows, k, v, idx)
+    return _forward(cfg, q_rows, k, v, idx)[:2]
 
 
 def _selection_fwd(cfg, q_rows, k, v, idx):
-    o, lse = _forward(cfg, q_rows, k, v, idx)
-    return (o, lse), (q_rows, k, v, idx, o, lse)
+    o, lse, index = _forward(cfg, q_rows, k, v, idx)
+    return (o, lse), (q_rows, k, v, o, lse, index)
 
 
 def _selection_bwd(cfg, res, cts):
-    q_rows, k, v, idx, o, lse = res
-    dq, dk, dv = _backward(cfg, q_rows, k, v, idx, o, lse, *cts)
+    dq, dk, dv = _backward(cfg, res, *cts)
     return dq, dk, dv, None
 
 
