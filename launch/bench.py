@@ -40,10 +40,9 @@ flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
                   "forward+backward")
-flags.DEFINE_list("selection_configs", ["0:4:2:1"], "breakdown: selection kernel settings to time, each "
-                  "kv_major:num_warps:num_stages:blocks_per_step[:block_forward[:token_dq]] (0 / 1 flags, 1 if "
-                  "left out), forward and forward+backward; "
-                  "the first also its inverted index and its backward alone")
+flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
+                  "num_warps:num_stages, forward and forward+backward; the first also its inverted index, "
+                  "forward kernels and backward alone")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -149,7 +148,7 @@ def _breakdown(t: int) -> dict:
     from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
-    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
+    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index, _dq,
                                           _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
 
     q, k, v, _, _ = _jax_inputs(t)
@@ -186,10 +185,8 @@ def _breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
     }
     for n, spec in enumerate(FLAGS.selection_configs):
-        kv_major, warps, stages, per_step, block_fwd, token_dq = (int(x) for x in (spec + ":1:1").split(":")[:6])
-        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, kv_major=bool(kv_major),
-                              rows_per_token=layout.group_size, blocks_per_step=per_step,
-                              forward="block" if block_fwd else "token", dq="token" if token_dq else "partial")
+        warps, stages = (int(x) for x in spec.split(":"))
+        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
         slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
         try:
             times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
@@ -205,9 +202,13 @@ def _breakdown(t: int) -> dict:
                 _fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
                 [("partial", q.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
             times["selection_index_and_fwd_kernel"] = _time_jax(
-                jax.jit(lambda i: jax.lax.map(partials, _chunked_index(sh, i, t // bs))), idx)
-            dlse = jnp.zeros(res[4].shape, jnp.float32)
-            times["selection_bwd"] = _time_jax(jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[3], dlse)), res)
+                jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(sh, i, t // bs))), idx)
+            q_rows_, k_, v_, idx_, o, lse_rows = res[:6]  # the backward fed do = o
+            times["selection_bwd"] = _time_jax(
+                jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[4], jnp.zeros_like(r[5]))), res)
+            delta = (o.astype(jnp.float32) ** 2).sum(-1)
+            times["selection_dq"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dq(cfg, *a)), q_rows_, k_, v_, idx_, o,
+                                              lse_rows, delta)
     return times
 
 

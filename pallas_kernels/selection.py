@@ -1,14 +1,17 @@
 """Selection branch: each token attends, causally, the tokens of the blocks chosen for its KV head.
 
 Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virtual rows of each KV head's
-group (zero-padded to GR rows). The kernels are block-centric: one program per (KV block, KV head) loads the
-block once and runs over the tokens that chose it (an inverted index built with a sort), gathering the real
-rows of several tokens into 64-row tiles, so each does exactly the selected work. The forward writes a
-partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; the backward adds
-into dk / dv and writes a float32 partial dq per (token, slot), summed over the slots. Tokens run in chunks
-whose partials fit `partial_bytes` (dk / dv accumulate over the chunks; the forward's inverted index is kept
-for the backward). The per-token forward (`forward="token"`: one program per token and KV head, reading each
-chosen block per token) remains to compare.
+group (zero-padded to GR rows). Forward and dk / dv are block-centric: one program per (KV block, KV head)
+loads the block once and runs over the tokens that chose it (an inverted index built with a sort), gathering
+the real rows of several tokens into 64-row tiles, so each does exactly the selected work. The forward
+writes a partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; tokens run
+in chunks whose partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding
+each chunk's part to dk / dv. dq runs one program per (token, KV head) over its chosen blocks.
+
+Measured on an H200 (BENCHMARKS.md, 2026-12-01, T = 64K): the block-centric forward 21 ms against 32 ms for
+a per-token one (which reads each chosen block once per token); dq as float32 partials per (token, slot)
+from the dk / dv kernel, summed over the slots, made the backward 57 ms against 47 ms with the per-token dq
+kernel, and float32 atomic adds 2x slower still.
 """
 
 from __future__ import annotations
@@ -26,133 +29,20 @@ from pallas_kernels.backend import call_options, ceil_div, dot
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
-    all), the only rows the block-centric kernels gather. num_warps, num_stages: Triton's. forward: "block"
-    or "token"; dq: "partial" (in the block-centric backward) or "token" (a per-token kernel); kv_major (grid
-    order, KV head outermost) and blocks_per_step (chosen blocks gathered per loop step) tune the per-token
-    kernels. partial_bytes: bound on the float32 partial dq of one chunk of tokens
-    (the forward's bf16 partials take half)."""
+    all), the only rows the block-centric kernels gather. num_warps, num_stages: Triton's. partial_bytes:
+    bound on the forward's partial outputs of one chunk of tokens."""
 
     block_size: int
     scale: float
     num_warps: int = 4
     num_stages: int = 2
-    kv_major: bool = False
     rows_per_token: int | None = None
-    blocks_per_step: int = 1
-    forward: str = "block"
-    dq: str = "token"
     partial_bytes: int = 2 << 30
-
-
-def _token_grid(cfg: SelectionConfig, b: int, tp: int, hkv: int):
-    """Grid and index-map adapter of the per-token kernels: maps (i, t, h) block indices to the grid order."""
-    if cfg.kv_major:
-        return (b, hkv, tp), lambda f: (lambda i, h, t: f(i, t, h))
-    return (b, tp, hkv), lambda f: f
-
-
-def _online_softmax_step(carry, s, v):
-    acc, m, l = carry
-    m_new = jnp.maximum(m, s.max(axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    corr = jnp.exp(m - m_safe)
-    return acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
-
-
-def _step_scores(cfg, q, k_ref, idx_ref, step, token, per_step):
-    """Masked logits [GR, per_step * bs] of the rows of `token` against the step-th `per_step` chosen blocks
-    (-1: nothing), with the keys and the key positions (a slice for one block, a row gather for several)."""
-    bs = cfg.block_size
-    if per_step == 1:
-        blk = idx_ref[step]
-        start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
-        keys, cols, real = pl.ds(start, bs), start + jnp.arange(bs), blk >= 0
-    else:
-        j = jnp.arange(per_step * bs)
-        blk = idx_ref[step * per_step + j // bs]
-        cols = jnp.maximum(blk, 0) * bs + j % bs
-        keys, real = cols, (blk >= 0)[None, :]
-    k = k_ref[keys, :]
-    s = dot(q, k, trans_b=True) * cfg.scale
-    return jnp.where((cols[None, :] <= token) & real, s, -jnp.inf), k, keys
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: SelectionConfig, n_sel: int):
-    token = pl.program_id(2 if cfg.kv_major else 1)
-    q = q_ref[...]
-    per_step = min(cfg.blocks_per_step, n_sel)
-
-    def body(j, carry):
-        s, _, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
-        return _online_softmax_step(carry, s, v_ref[keys, :])
-
-    gr, d = q.shape
-    init = (jnp.zeros((gr, d), jnp.float32), jnp.full((gr,), -jnp.inf, jnp.float32), jnp.zeros((gr,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, n_sel // per_step, body, init)
-    l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
 def _probs(s, lse):
     finite = (lse > -jnp.inf)[:, None]
     return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
-
-
-def _fwd_token_major(cfg: SelectionConfig, q_rows, k, v, idx):
-    b, tp, hkv, gr, d = q_rows.shape
-    n_sel, tk = idx.shape[-1], k.shape[1]
-    grid, order = _token_grid(cfg, b, tp, hkv)
-    rows = pl.BlockSpec((None, None, None, gr, d), order(lambda i, t, h: (i, t, h, 0, 0)))
-    whole_kv = pl.BlockSpec((None, tk, None, d), order(lambda i, t, h: (i, 0, h, 0)))
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, n_sel=n_sel),
-        grid=grid,
-        in_specs=[rows, whole_kv, whole_kv,
-                  pl.BlockSpec((None, None, None, n_sel), order(lambda i, t, h: (i, t, h, 0)))],
-        out_specs=[rows, pl.BlockSpec((None, None, None, gr), order(lambda i, t, h: (i, t, h, 0)))],
-        out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
-                   jax.ShapeDtypeStruct((b, tp, hkv, gr), jnp.float32)],
-        name="nsa_selection_fwd",
-        **call_options(cfg.num_warps, cfg.num_stages),
-    )(q_rows, k, v, idx)
-
-
-def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
-               n_sel: int):
-    token = pl.program_id(2 if cfg.kv_major else 1)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    per_step = min(cfg.blocks_per_step, n_sel)
-
-    def body(j, dq):
-        s, k, keys = _step_scores(cfg, q, k_ref, idx_ref, j, token, per_step)
-        ds = _probs(s, lse) * (dot(do, v_ref[keys, :], trans_b=True) - delta[:, None])
-        return dq + dot(ds.astype(k.dtype), k)
-
-    dq = jax.lax.fori_loop(0, n_sel // per_step, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
-def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
-    """dq [B, Tp, HKV, GR, D] float32: one program per (token, KV head) over its chosen blocks."""
-    b, tp, hkv, gr, d = q_rows.shape
-    n_sel, tk = idx.shape[-1], k.shape[1]
-    grid, order = _token_grid(cfg, b, tp, hkv)
-    rows = pl.BlockSpec((None, None, None, gr, d), order(lambda i, t, h: (i, t, h, 0, 0)))
-    row_scalars = pl.BlockSpec((None, None, None, gr), order(lambda i, t, h: (i, t, h, 0)))
-    whole_kv = pl.BlockSpec((None, tk, None, d), order(lambda i, t, h: (i, 0, h, 0)))
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
-        grid=grid,
-        in_specs=[rows, whole_kv, whole_kv,
-                  pl.BlockSpec((None, None, None, n_sel), order(lambda i, t, h: (i, t, h, 0))),
-                  rows, row_scalars, row_scalars],
-        out_specs=rows,
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
-        name="nsa_selection_dq",
-        **call_options(cfg.num_warps, cfg.num_stages),
-    )(q_rows, k, v, idx, do, lse, delta)
 
 
 def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -189,7 +79,7 @@ class _Shapes:
 def _shapes(cfg: SelectionConfig, q_rows, n_sel: int) -> _Shapes:
     b, tp, hkv, gr, d = q_rows.shape
     group_rows = cfg.rows_per_token or gr
-    token_bytes = b * hkv * n_sel * group_rows * d * 4  # the backward's float32 dq partials
+    token_bytes = b * hkv * n_sel * group_rows * d * q_rows.dtype.itemsize
     n_chunks = max(1, ceil_div(tp * token_bytes, cfg.partial_bytes))
     return _Shapes(hkv, gr, group_rows, n_sel, ceil_div(tp, n_chunks))
 
@@ -268,11 +158,10 @@ def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
         _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k_ref[...], tile, 0)
 
 
-def _bwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, do_ref, lse_ref, delta_ref,
-                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, *dq_ref, cfg: SelectionConfig, sh: _Shapes):
+def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, do_ref, lse_ref, delta_ref,
+                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, *, cfg: SelectionConfig, sh: _Shapes):
     """Adds this KV block's dk, dv from a chunk's tokens that chose it to dk_in / dv_in (aliased to dk / dv:
-    untouched when none chose it); writes the partial dq of each (token, slot) [float32]."""
-
+    untouched when none chose it)."""
     ids, chosen = _program(offsets_ref)
 
     @pl.when(chosen)
@@ -285,8 +174,6 @@ def _bwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
             p = _probs(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])
-            if dq_ref:
-                dq_ref[0][out, :] = dot(ds.astype(k.dtype), k) * cfg.scale
             return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
 
         zeros = jnp.zeros(k.shape, jnp.float32)
@@ -295,12 +182,31 @@ def _bwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
         dv_ref[...] = dv_in_ref[...] + dv
 
 
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
+               n_sel: int):
+    """dq of one (token, KV head)'s rows over its chosen blocks."""
+    token, bs = pl.program_id(1), cfg.block_size
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+    def body(j, dq):
+        blk = idx_ref[j]
+        start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
+        k, v = k_ref[pl.ds(start, bs), :], v_ref[pl.ds(start, bs), :]
+        cols = start + jnp.arange(bs)
+        s = jnp.where((cols[None, :] <= token) & (blk >= 0), dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+        ds = _probs(s, lse) * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, n_sel, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
 def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index, extra_in,
                 out_kinds, aliases=None):
     """pallas_call of a block-centric kernel over grid (B, HKV, NB) for one chunk: inputs q_flat, k, v, the
-    chunk's inverted index and first token, then `extra_in` as (array, kind); outputs of `out_kinds`, each
-    (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch), "block" (this KV block),
-    "partial" / "partial_scalars" (the chunk's partial rows and trash rows)."""
+    chunk's inverted index and first token (entries, offsets, base), then `extra_in` as (array, kind);
+    outputs of `out_kinds`, each (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch),
+    "block" (this KV block), "partial" / "partial_scalars" (the chunk's partial rows, then trash rows)."""
     b, n_rows, d = q_flat.shape
     nb = k.shape[1] // cfg.block_size
     n_partial = sh.partial_rows + sh.tile_rows
@@ -311,7 +217,7 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
         "partial": ((n_partial, d), pl.BlockSpec((None, n_partial, d), lambda i, h, j: (i, 0, 0))),
         "partial_scalars": ((n_partial,), pl.BlockSpec((None, n_partial), lambda i, h, j: (i, 0))),
     }
-    _, entries, offsets, base = chunk_index
+    entries, offsets, base = chunk_index
     in_specs = [specs["rows"][1], specs["block"][1], specs["block"][1],
                 pl.BlockSpec((None, None, sh.chunk * sh.n_sel), lambda i, h, j: (i, h, 0)),
                 pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)),
@@ -343,12 +249,12 @@ def _pad_rows(sh: _Shapes, x, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index):
+def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, idx, chunk_index):
     """(o [B, C, HKV, GR, D], lse [B, C, HKV, GR]) of one chunk: block-centric partials merged by log-sum-exp
-    over the slots. Partials of empty slots were never written: masked before any arithmetic."""
-    o_p, lse_p = _block_call(_fwd_blocks_kernel, "nsa_selection_fwd_blocks", cfg, sh, q_flat, k, v, chunk_index, [],
+    over the slots. idx [B, C, HKV, S]: the chunk's chosen blocks. Partials of empty slots were never
+    written: masked before any arithmetic."""
+    o_p, lse_p = _block_call(_fwd_blocks_kernel, "nsa_selection_fwd", cfg, sh, q_flat, k, v, chunk_index, [],
                              [("partial", q_flat.dtype), ("partial_scalars", jnp.float32)])
-    idx = chunk_index[0]
     lse_p = jnp.where((idx >= 0)[..., None], _partials(sh, idx, lse_p), -jnp.inf)
     m = lse_p.max(axis=3, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)
@@ -360,53 +266,57 @@ def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index):
     return _pad_rows(sh, o.astype(q_flat.dtype)), _pad_rows(sh, lse, -jnp.inf)
 
 
-def _bwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, do_flat, lse_flat, delta_flat, chunk_index,
+def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, do_flat, lse_flat, delta_flat, chunk_index,
                dk, dv):
-    """(dk + this chunk's part, dv + this chunk's part, dq [B, C, HKV, GR, D] float32 of the chunk or None)."""
+    """(dk, dv) float32 plus this chunk's parts."""
     extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars"), (dk, "block"),
              (dv, "block")]
-    outs = [("block", jnp.float32), ("block", jnp.float32)] + [("partial", jnp.float32)] * (cfg.dq == "partial")
-    dk, dv, *dq_p = _block_call(_bwd_blocks_kernel, "nsa_selection_bwd_blocks", cfg, sh, q_flat, k, v,
-                                chunk_index, extra, outs, aliases={9: 0, 10: 1})
-    if not dq_p:
-        return dk, dv, None
-    idx, dq_p = chunk_index[0], dq_p[0]
-    dq = jnp.where((idx >= 0)[..., None, None], _partials(sh, idx, dq_p), 0.0).sum(axis=3)
-    return dk, dv, _pad_rows(sh, dq)
+    return _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, chunk_index, extra,
+                       [("block", jnp.float32)] * 2, aliases={9: 0, 10: 1})
+
+
+def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
+    """dq [B, Tp, HKV, GR, D] float32: one program per (token, KV head) over its chosen blocks."""
+    b, tp, hkv, gr, d = q_rows.shape
+    n_sel, tk = idx.shape[-1], k.shape[1]
+    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
+    row_scalars = pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))
+    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
+        grid=(b, tp, hkv),
+        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0)),
+                  rows, row_scalars, row_scalars],
+        out_specs=rows,
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        name="nsa_selection_dq",
+        **call_options(cfg.num_warps, cfg.num_stages),
+    )(q_rows, k, v, idx, do, lse, delta)
 
 
 def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
-    """(o_rows, lse, the chunked inverted index the backward reuses)."""
+    """(o_rows, lse, the chunks' inverted indexes, which the backward reuses)."""
     b, tp, hkv, gr, d = q_rows.shape
     sh = _shapes(cfg, q_rows, idx.shape[-1])
-    index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
-    if cfg.forward == "token":
-        o, lse = _fwd_token_major(cfg, q_rows, k, v, idx)
-    else:
-        q_flat = q_rows.reshape(b, tp * hkv * gr, d)
-        o, lse = jax.lax.map(lambda ci: _fwd_chunk(cfg, sh, q_flat, k, v, ci), index)
-        o, lse = _unchunk(o, tp), _unchunk(lse, tp)
-    return o, lse, index
+    chunks, *index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
+    q_flat = q_rows.reshape(b, tp * hkv * gr, d)
+    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, a[0], a[1:]), (chunks, *index))
+    return _unchunk(o, tp), _unchunk(lse, tp), tuple(index)
 
 
 def _backward(cfg: SelectionConfig, res, do, dlse):
-    q_rows, k, v, o, lse, index = res
+    q_rows, k, v, idx, o, lse, index = res
     b, tp, hkv, gr, d = q_rows.shape
-    sh = _shapes(cfg, q_rows, index[0].shape[-1])
+    sh = _shapes(cfg, q_rows, idx.shape[-1])
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
     flat = lambda x: x.reshape(b, tp * hkv * gr, *x.shape[4:])
 
     def chunk(carry, chunk_index):
-        dk, dv, dq = _bwd_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index,
-                                *carry)
-        return (dk, dv), dq
+        return _dkv_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index, *carry), None
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), index)
-    if cfg.dq == "token":
-        dq = _dq(cfg, q_rows, k, v, _unchunk(index[0], tp), do, lse, delta)
-    else:
-        dq = _unchunk(dq, tp)
+    (dk, dv), _ = jax.lax.scan(chunk, (zeros, zeros), index)
+    dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
     return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -419,7 +329,7 @@ def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx):
 
 def _selection_fwd(cfg, q_rows, k, v, idx):
     o, lse, index = _forward(cfg, q_rows, k, v, idx)
-    return (o, lse), (q_rows, k, v, o, lse, index)
+    return (o, lse), (q_rows, k, v, idx, o, lse, index)
 
 
 def _selection_bwd(cfg, res, cts):
