@@ -148,7 +148,7 @@ def _breakdown(t: int) -> dict:
     from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
-    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index, _dq,
+    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
                                           _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
 
     q, k, v, _, _ = _jax_inputs(t)
@@ -203,12 +203,8 @@ def _breakdown(t: int) -> dict:
                 [("partial", q.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
             times["selection_index_and_fwd_kernel"] = _time_jax(
                 jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(sh, i, t // bs))), idx)
-            q_rows_, k_, v_, idx_, o, lse_rows = res[:6]  # the backward fed do = o
-            times["selection_bwd"] = _time_jax(
-                jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[4], jnp.zeros_like(r[5]))), res)
-            delta = (o.astype(jnp.float32) ** 2).sum(-1)
-            times["selection_dq"] = _time_jax(jax.jit(lambda *a, cfg=cfg: _dq(cfg, *a)), q_rows_, k_, v_, idx_, o,
-                                              lse_rows, delta)
+            times["selection_bwd"] = _time_jax(  # fed do = o
+                jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[3], jnp.zeros_like(r[4]))), res)
     return times
 
 

@@ -6,13 +6,14 @@ loads the block once and runs over the tokens that chose it (an inverted index b
 the real rows of several tokens into 64-row tiles, so each does exactly the selected work. The forward
 writes a partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; tokens run
 in chunks whose partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding
-each chunk's part to dk / dv. dq runs one program per (token, KV head) over its chosen blocks.
+each chunk's part to dk / dv. The dk / dv kernel also writes each (token, slot)'s ds in q's dtype (what the
+dq product takes anyway); dq then runs one program per (token, KV head), summing ds @ K over its chosen
+blocks: K read once per (token, block), V not at all.
 
 Measured on an H200 (BENCHMARKS.md, 2026-12-01, T = 64K): the block-centric forward 21 ms against 32 ms for
 a per-token one (which reads each chosen block once per token); dq as float32 partials per (token, slot)
-from the dk / dv kernel, summed over the slots, made the backward 57 ms against 47 ms with the per-token dq
-kernel, and float32 atomic adds 2x slower still.
-"""
+summed over the slots made the backward 57 ms against 47 ms with a per-token dq kernel that recomputed ds
+(reading K and V per token), and float32 atomic adds were 2x slower still."""
 
 from __future__ import annotations
 
@@ -159,9 +160,10 @@ def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
 
 
 def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, do_ref, lse_ref, delta_ref,
-                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, *, cfg: SelectionConfig, sh: _Shapes):
+                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, ds_ref, *, cfg: SelectionConfig, sh: _Shapes):
     """Adds this KV block's dk, dv from a chunk's tokens that chose it to dk_in / dv_in (aliased to dk / dv:
-    untouched when none chose it)."""
+    untouched when none chose it), and writes each (token, slot)'s ds [group_rows, bs] (in q's dtype, as it
+    enters the dq product) for `_dq_kernel`."""
     ids, chosen = _program(offsets_ref)
 
     @pl.when(chosen)
@@ -173,8 +175,9 @@ def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
             do = do_ref[rows, :]
             p = _probs(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-            ds = p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])
-            return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
+            ds = (p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])).astype(q.dtype)
+            ds_ref[out, :] = ds
+            return dk + dot(ds, q, trans_a=True), dv
 
         zeros = jnp.zeros(k.shape, jnp.float32)
         dk, dv = _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k, tile, (zeros, zeros))
@@ -182,23 +185,22 @@ def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
         dv_ref[...] = dv_in_ref[...] + dv
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: SelectionConfig,
-               n_sel: int):
-    """dq of one (token, KV head)'s rows over its chosen blocks."""
-    token, bs = pl.program_id(1), cfg.block_size
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+def _dq_kernel(ds_ref, k_ref, idx_ref, dq_ref, *, cfg: SelectionConfig, sh: _Shapes):
+    """dq of one (token, KV head)'s rows of a chunk: its chosen blocks' keys weighted by the ds the dk / dv
+    kernel wrote, so K is read once per (token, block) and V not at all."""
+    local, h, bs = pl.program_id(1), pl.program_id(2), cfg.block_size
+    g = jnp.arange(sh.padded_rows)
+    real = (g < sh.group_rows)[:, None]
 
     def body(j, dq):
         blk = idx_ref[j]
-        start = pl.multiple_of(jnp.maximum(blk, 0) * bs, bs)
-        k, v = k_ref[pl.ds(start, bs), :], v_ref[pl.ds(start, bs), :]
-        cols = start + jnp.arange(bs)
-        s = jnp.where((cols[None, :] <= token) & (blk >= 0), dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
-        ds = _probs(s, lse) * (dot(do, v, trans_b=True) - delta[:, None])
-        return dq + dot(ds.astype(k.dtype), k)
+        k = k_ref[pl.ds(pl.multiple_of(jnp.maximum(blk, 0) * bs, bs), bs), :]
+        rows = ((local * sh.hkv + h) * sh.n_sel + j) * sh.group_rows + jnp.minimum(g, sh.group_rows - 1)
+        ds = jnp.where(real & (blk >= 0), ds_ref[rows, :], jnp.zeros((), ds_ref.dtype))  # empty slots: unwritten
+        return dq + dot(ds, k)
 
-    dq = jax.lax.fori_loop(0, n_sel, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    dq = jax.lax.fori_loop(0, sh.n_sel, body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = dq * cfg.scale
 
 
 def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index, extra_in,
@@ -206,7 +208,8 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
     """pallas_call of a block-centric kernel over grid (B, HKV, NB) for one chunk: inputs q_flat, k, v, the
     chunk's inverted index and first token (entries, offsets, base), then `extra_in` as (array, kind);
     outputs of `out_kinds`, each (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch),
-    "block" (this KV block), "partial" / "partial_scalars" (the chunk's partial rows, then trash rows)."""
+    "block" (this KV block), "partial" / "partial_scalars" / "partial_keys" (the chunk's partial rows by D,
+    by 1 or by bs, then trash rows)."""
     b, n_rows, d = q_flat.shape
     nb = k.shape[1] // cfg.block_size
     n_partial = sh.partial_rows + sh.tile_rows
@@ -216,6 +219,8 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
         "block": (None, pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))),
         "partial": ((n_partial, d), pl.BlockSpec((None, n_partial, d), lambda i, h, j: (i, 0, 0))),
         "partial_scalars": ((n_partial,), pl.BlockSpec((None, n_partial), lambda i, h, j: (i, 0))),
+        "partial_keys": ((n_partial, cfg.block_size),
+                         pl.BlockSpec((None, n_partial, cfg.block_size), lambda i, h, j: (i, 0, 0))),
     }
     entries, offsets, base = chunk_index
     in_specs = [specs["rows"][1], specs["block"][1], specs["block"][1],
@@ -268,56 +273,56 @@ def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, idx, chunk_index
 
 def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, do_flat, lse_flat, delta_flat, chunk_index,
                dk, dv):
-    """(dk, dv) float32 plus this chunk's parts."""
+    """(dk, dv) float32 plus this chunk's parts, and the chunk's ds partial rows."""
     extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars"), (dk, "block"),
              (dv, "block")]
     return _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, chunk_index, extra,
-                       [("block", jnp.float32)] * 2, aliases={9: 0, 10: 1})
+                       [("block", jnp.float32)] * 2 + [("partial_keys", q_flat.dtype)], aliases={9: 0, 10: 1})
 
 
-def _dq(cfg: SelectionConfig, q_rows, k, v, idx, do, lse, delta):
-    """dq [B, Tp, HKV, GR, D] float32: one program per (token, KV head) over its chosen blocks."""
-    b, tp, hkv, gr, d = q_rows.shape
-    n_sel, tk = idx.shape[-1], k.shape[1]
-    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
-    row_scalars = pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))
-    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
+    """dq [B, C, HKV, GR, D] float32 of a chunk's tokens choosing idx [B, C, HKV, S], from their ds rows."""
+    b, c, hkv, n_sel = idx.shape
+    tk, d = k.shape[1], k.shape[3]
     return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
-        grid=(b, tp, hkv),
-        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0)),
-                  rows, row_scalars, row_scalars],
-        out_specs=rows,
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        functools.partial(_dq_kernel, cfg=cfg, sh=sh),
+        grid=(b, c, hkv),
+        in_specs=[pl.BlockSpec((None, *ds.shape[1:]), lambda i, t, h: (i, 0, 0)),
+                  pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0)),
+                  pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0))],
+        out_specs=pl.BlockSpec((None, None, None, sh.padded_rows, d), lambda i, t, h: (i, t, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, c, hkv, sh.padded_rows, d), jnp.float32),
         name="nsa_selection_dq",
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q_rows, k, v, idx, do, lse, delta)
+    )(ds, k, idx)
 
 
 def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
-    """(o_rows, lse, the chunks' inverted indexes, which the backward reuses)."""
+    """(o_rows, lse, the chunked idx with the chunks' inverted indexes, which the backward reuses)."""
     b, tp, hkv, gr, d = q_rows.shape
     sh = _shapes(cfg, q_rows, idx.shape[-1])
-    chunks, *index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
+    index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
     q_flat = q_rows.reshape(b, tp * hkv * gr, d)
-    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, a[0], a[1:]), (chunks, *index))
-    return _unchunk(o, tp), _unchunk(lse, tp), tuple(index)
+    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, a[0], a[1:]), index)
+    return _unchunk(o, tp), _unchunk(lse, tp), index
 
 
 def _backward(cfg: SelectionConfig, res, do, dlse):
-    q_rows, k, v, idx, o, lse, index = res
+    q_rows, k, v, o, lse, index = res
     b, tp, hkv, gr, d = q_rows.shape
-    sh = _shapes(cfg, q_rows, idx.shape[-1])
+    sh = _shapes(cfg, q_rows, index[0].shape[-1])
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
     flat = lambda x: x.reshape(b, tp * hkv * gr, *x.shape[4:])
 
-    def chunk(carry, chunk_index):
-        return _dkv_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index, *carry), None
+    def chunk(carry, chunk):
+        idx, *chunk_index = chunk
+        dk, dv, ds = _dkv_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index,
+                                *carry)
+        return (dk, dv), _dq_chunk(cfg, sh, ds, k, idx)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), _ = jax.lax.scan(chunk, (zeros, zeros), index)
-    dq = _dq(cfg, q_rows, k, v, idx, do, lse, delta)
-    return dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), index)
+    return _unchunk(dq, tp).astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -329,7 +334,7 @@ def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx):
 
 def _selection_fwd(cfg, q_rows, k, v, idx):
     o, lse, index = _forward(cfg, q_rows, k, v, idx)
-    return (o, lse), (q_rows, k, v, idx, o, lse, index)
+    return (o, lse), (q_rows, k, v, o, lse, index)
 
 
 def _selection_bwd(cfg, res, cts):
