@@ -31,7 +31,7 @@ from pallas_kernels.backend import call_options, ceil_div, dot
 class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
     all), the only rows the block-centric kernels gather. num_warps, num_stages: Triton's. partial_bytes:
-    bound on the forward's partial outputs of one chunk of tokens."""
+    bound on the forward's partial outputs of one chunk of tokens (the backward's ds rows take half)."""
 
     block_size: int
     scale: float

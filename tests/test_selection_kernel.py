@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference as ref
-from pallas_kernels.selection import SelectionConfig, selection_attention
+from pallas_kernels.selection import SelectionConfig, _selection_fwd, selection_attention
 
 B, T, HKV, G, GR, D, BS = 1, 96, 2, 7, 16, 16, 16
 
@@ -35,6 +35,9 @@ def test_selection_matches_oracle(n_sel, chunks):
     # Chunks of tokens: 96 tokens' float32 partial outputs take T * HKV * n_sel * G * D * 4 bytes (5 chunks:
     # the last one padded).
     cfg = SelectionConfig(BS, D ** -0.5, rows_per_token=G, partial_bytes=-(-T * HKV * n_sel * G * D * 4 // chunks))
+    q_rows_shape = jax.ShapeDtypeStruct((B, T, HKV, GR, D), jnp.float32)
+    chunked_idx = jax.eval_shape(lambda *a: _selection_fwd(cfg, *a)[1][-1][0], q_rows_shape, k, v, idx)
+    assert chunked_idx.shape == (chunks, B, -(-T // chunks), HKV, n_sel)
 
     def kernel_loss(q, k, v):
         q_rows = jnp.pad(q.reshape(B, T, HKV, G, D), ((0, 0),) * 3 + ((0, GR - G), (0, 0)))
