@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import layout as layouts
+from pallas_kernels.backend import kernel_platform
 from pallas_kernels.reference import nsa_reference
 from pallas_kernels.segments import validate_segments
 
@@ -12,11 +13,18 @@ IMPLS = ("auto", "reference", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
-    """"auto" is "pallas" on GPU / TPU and "reference" on CPU."""
+    """"auto" is "pallas" on GPU and "reference" elsewhere: on CPU, and on TPU, where the selection and top-k
+    kernels do not lower (they gather rows with index vectors, which Mosaic rejects)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    platform = kernel_platform()
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "reference"
+        return "pallas" if platform == "gpu" else "reference"
+    if impl == "pallas" and platform == "tpu":
+        raise NotImplementedError(
+            "impl='pallas' has no TPU (Mosaic) lowering of its selection and top-k kernels yet: they gather rows "
+            "with index vectors, which Mosaic rejects. Use impl='reference' (pure jnp, dense masks: O(T^2) "
+            "memory) on TPU.")
     return impl
 
 
@@ -36,8 +44,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     head_layout: "gqa" (head h reads KV head h // G) or "videonsa" (the released padded layout, `layout.py`).
     tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
     Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
-    impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU, interpret
-      mode on CPU) or "auto" (pallas on GPU / TPU, reference on CPU).
+    impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, interpret mode on CPU; no
+      TPU lowering yet) or "auto" (pallas on GPU, reference on CPU and TPU).
     """
     b, t, hq, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:

@@ -34,16 +34,24 @@ def lowering_for(platform: str):
         _PLATFORM.reset(token)
 
 
+def kernel_platform() -> str:
+    """Where kernels traced now run: "interpret", "gpu", "tpu" or "cpu" (`interpret_with` and `lowering_for`
+    override the default backend)."""
+    if _INTERPRET.get() is not None:
+        return "interpret"
+    p = _PLATFORM.get() or jax.default_backend()
+    return "gpu" if p in ("gpu", "cuda", "rocm") else p
+
+
 def call_options(num_warps: int = 4, num_stages: int = 2) -> dict:
     """Keyword arguments of `pl.pallas_call` for the default backend."""
-    forced = _INTERPRET.get()
-    if forced is not None:
-        return dict(interpret=forced)
-    p = _PLATFORM.get() or jax.default_backend()
-    if p in ("gpu", "cuda", "rocm"):
+    platform = kernel_platform()
+    if platform == "interpret":
+        return dict(interpret=_INTERPRET.get())
+    if platform == "gpu":
         from jax.experimental.pallas import triton as plgpu
         return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-    if p == "tpu":
+    if platform == "tpu":
         return {}
     return dict(interpret=True)
 

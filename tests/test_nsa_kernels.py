@@ -149,6 +149,21 @@ def test_mosaic_interpret_masked_flash():
     np.testing.assert_allclose(o, window_attention(q, k, v, window_size=8), atol=atol)
 
 
+def test_impl_choice_per_platform():
+    """auto takes the kernels on GPU only; pallas on TPU is refused with the reason (Mosaic rejects the
+    selection and top-k kernels' row gathers: "Advanced indexers are not supported on TPU" in its
+    interpreter) instead of failing inside the lowering."""
+    from pallas_kernels.api import resolve_impl
+    with lowering_for("gpu"):
+        assert resolve_impl("auto") == "pallas"
+    with lowering_for("tpu"):
+        assert resolve_impl("auto") == "reference"
+        with pytest.raises(NotImplementedError, match="TPU"):
+            resolve_impl("pallas")
+    with lowering_for("cpu"):
+        assert (resolve_impl("auto"), resolve_impl("pallas")) == ("reference", "pallas")
+
+
 @pytest.mark.parametrize("mode", ["native", "videonsa"])
 def test_kernels_lower_to_triton_for_h100(mode):
     """Forward + backward lower through Pallas' Triton backend for an abstract H100 (no GPU needed): catches
