@@ -13,8 +13,9 @@ IMPLS = ("auto", "reference", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
-    """"auto" is "pallas" on GPU and "reference" elsewhere: on CPU, and on TPU, where the selection and top-k
-    kernels do not lower (they gather rows with index vectors, which Mosaic rejects)."""
+    """"auto" is "pallas" on GPU and "reference" elsewhere: on CPU, and on TPU, where the kernels do not lower
+    (Mosaic rejects their [B, T, H, D] blocks, which squeeze the head axis, and the selection / top-k row
+    gathers)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     platform = kernel_platform()
@@ -22,9 +23,9 @@ def resolve_impl(impl: str) -> str:
         return "pallas" if platform == "gpu" else "reference"
     if impl == "pallas" and platform == "tpu":
         raise NotImplementedError(
-            "impl='pallas' has no TPU (Mosaic) lowering of its selection and top-k kernels yet: they gather rows "
-            "with index vectors, which Mosaic rejects. Use impl='reference' (pure jnp, dense masks: O(T^2) "
-            "memory) on TPU.")
+            "impl='pallas' has no TPU (Mosaic) lowering yet: Mosaic rejects the kernels' blocks (the head axis "
+            "squeezed as the second-minor block dimension) and the selection / top-k row gathers. Use "
+            "impl='reference' (pure jnp, dense masks: O(T^2) memory) on TPU.")
     return impl
 
 
