@@ -165,7 +165,7 @@ def _breakdown(t: int) -> dict:
     _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
     topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
         q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count,
-        tie_break="recent", causal=True, scale=scale, block_q=bq))
+        tie_break="recent", selection="token", causal=True, scale=scale, block_q=bq))
     kc32 = _pad_to(kc32, 1, kc.shape[1])
     idx = topk(q, kc32, lse)
     rows = np.asarray(_group_rows(layout))

@@ -74,6 +74,9 @@ class NSAConfig:
     layers: tuple[int, ...] | None = None
     # Kernel implementation passed to `pallas_kernels.nsa_attention`: "auto", "reference" or "pallas".
     impl: str = "auto"
+    # "token" (each query its own top-k) or "query_block" (SPEC §4's opt-in: one set per block of queries;
+    # mode native only).
+    selection: str = "token"
 
     def uses_nsa(self, layer: int) -> bool:
         return self.mode != "dense" and (self.layers is None or layer in self.layers)
@@ -138,6 +141,11 @@ class ModelConfig:
                               f"text hidden_size={self.text.hidden_size}")
         if self.nsa.mode not in ("dense", "videonsa", "native"):
             raise ConfigError(f"nsa_mode={self.nsa.mode!r}: expected 'dense', 'videonsa' or 'native'")
+        if self.nsa.selection not in ("token", "query_block"):
+            raise ConfigError(f"nsa_selection={self.nsa.selection!r}: expected 'token' or 'query_block'")
+        if self.nsa.selection == "query_block" and self.nsa.mode == "videonsa":
+            raise ConfigError("nsa_selection='query_block' needs nsa_mode='native' (mode videonsa keeps the "
+                              "released per-token selection)")
         return self
 
     def replace(self, **kw: Any) -> "ModelConfig":
@@ -186,7 +194,8 @@ class ModelConfig:
                         block_count=int(nsa_field("nsa_block_count", 32)),
                         window_size=int(nsa_field("nsa_window_size", 256)),
                         gate_temperature=float(nsa_field("nsa_gate_temperature", 0.3)),
-                        layers=None if layers is None else tuple(layers))
+                        layers=None if layers is None else tuple(layers),
+                        selection=nsa_field("nsa_selection", "token"))
         return cls(text=TextConfig(**text_kw), vision=VisionConfig(**vision_kw), nsa=nsa,
                    video_time_ids=merged.get("video_time_ids", "truncate"),
                    hf_key_layout=d.get("hf_key_layout", "nested" if "text_config" in d else "flat"),
@@ -225,6 +234,8 @@ class ModelConfig:
                      nsa_gate_temperature=self.nsa.gate_temperature)
             if self.nsa.layers is not None:
                 d["nsa_layers"] = list(self.nsa.layers)
+            if self.nsa.selection != "token":
+                d["nsa_selection"] = self.nsa.selection
         return d
 
     @classmethod

@@ -52,7 +52,7 @@ class NSAAttention(DenseAttention):
         return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=n.block_size,
                              block_count=n.block_count, window_size=n.window_size, segment_ids=segment_ids,
                              causal_compression=not videonsa, head_layout="videonsa" if videonsa else "gqa",
-                             tie_break="fla" if videonsa else "recent", impl=n.impl)
+                             tie_break="fla" if videonsa else "recent", selection=n.selection, impl=n.impl)
 
     def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
         q, k, v = self.qkv(x, ctx)

@@ -32,8 +32,8 @@ def resolve_impl(impl: str) -> str:
 def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_slc: jax.Array,
                   g_swa: jax.Array, *, block_size: int = 64, block_count: int = 32, window_size: int = 256,
                   segment_ids: jax.Array | None = None, causal_compression: bool = True,
-                  head_layout: str = "gqa", tie_break: str = "recent", scale: float | None = None,
-                  impl: str = "auto") -> jax.Array:
+                  head_layout: str = "gqa", tie_break: str = "recent", selection: str = "token",
+                  scale: float | None = None, impl: str = "auto") -> jax.Array:
     """Native Sparse Attention: g_cmp * compression + g_slc * selection + g_swa * sliding window, per head.
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D] (HQ a multiple of HKV); gates [B, T, HQ]; any T. Returns o
@@ -44,6 +44,9 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
       released mask i <= (j + 1) * block_size - 1 (SPEC §2.5).
     head_layout: "gqa" (head h reads KV head h // G) or "videonsa" (the released padded layout, `layout.py`).
     tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
+    selection: "token" (each query its own top-k, the paper's) or "query_block" (SPEC §4's opt-in: one set per
+      block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" only).
+      The kernels still run it per token: it shares sets, not (yet) the work.
     Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
     impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, interpret mode on CPU; no
       TPU lowering yet) or "auto" (pallas on GPU, reference on CPU and TPU).
@@ -59,13 +62,17 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     layout = layouts.head_layout(head_layout, hq, k.shape[2])
     if tie_break not in ("recent", "fla"):
         raise ValueError(f"tie_break must be 'recent' or 'fla', got {tie_break!r}")
+    if selection not in ("token", "query_block"):
+        raise ValueError(f"selection must be 'token' or 'query_block', got {selection!r}")
+    if selection == "query_block" and tie_break != "recent":
+        raise ValueError(f"selection='query_block' needs tie_break='recent', got {tie_break!r}")
     if segment_ids is not None:
         if segment_ids.shape != (b, t):
             raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
         validate_segments(segment_ids, block_size)
     kwargs = dict(block_size=block_size, block_count=block_count, window_size=window_size,
                   segment_ids=segment_ids, causal_compression=causal_compression, tie_break=tie_break,
-                  scale=scale)
+                  selection=selection, scale=scale)
     if resolve_impl(impl) == "reference":
         return nsa_reference(q, k, v, g_cmp, g_slc, g_swa, head_layout_kind=layout.kind, **kwargs)
     from pallas_kernels.nsa_pallas import nsa_pallas

@@ -1,6 +1,6 @@
 """NSA through the Pallas kernels: compression and window (`masked_flash.py`), top-k (`topk_fused.py`, or
-`topk.py` for fla's network), selection (`selection.py`), gated sum in jnp (XLA fuses it; its gradient flows
-through autodiff)."""
+`topk.py` for fla's network and for query blocks), selection (`selection.py`), gated sum in jnp (XLA fuses
+it; its gradient flows through autodiff)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool
 from pallas_kernels.segments import segment_bounds
 from pallas_kernels.selection import SelectionConfig, selection_attention
-from pallas_kernels.topk import fla_select_blocks_chunked
+from pallas_kernels.topk import select_blocks_chunked
 from pallas_kernels.topk_fused import select_blocks_fused
 
 
@@ -42,20 +42,21 @@ def _group_rows(layout: HeadLayout) -> np.ndarray:
 
 
 def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_size: int, block_count: int,
-                  tie_break: str, causal: bool, scale: float, block_q: int) -> jax.Array:
+                  tie_break: str, selection: str, causal: bool, scale: float, block_q: int) -> jax.Array:
     """Chosen blocks [B, Tp, HKV, next_pow2(block_count)] (-1 = empty) of the padded tokens (no gradient).
     qp [B, Tp, HQ, D]; kc32 [B, NBp, HKV, D] float32 block means; lse [B, Hv, Tp]; lop, hip [B, Tp]."""
     qp, kc32, lse = (jax.lax.stop_gradient(x) for x in (qp, kc32, lse))
-    if tie_break == "recent":
+    if selection == "token" and tie_break == "recent":
         return select_blocks_fused(qp, kc32, lse, lop, hip, layout=layout, block_size=block_size,
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
-    idx = fla_select_blocks_chunked(qp[:, :t], kc32, lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout,
-                                    block_size=block_size, block_count=block_count, causal=causal, scale=scale)
+    idx = select_blocks_chunked(qp[:, :t], kc32, lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout,
+                                block_size=block_size, block_count=block_count, causal=causal, scale=scale,
+                                rule="fla" if selection == "token" else "query_block")
     return _pad_to(_pad_to(idx, 3, _next_pow2(block_count), -1), 1, qp.shape[1], -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
-               window_size: int, segment_ids, causal_compression: bool, tie_break: str, scale):
+               window_size: int, segment_ids, causal_compression: bool, tie_break: str, selection: str, scale):
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
@@ -84,8 +85,8 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     o_swa, _ = masked_flash(swa_cfg, qp, kp, vp, lop, hip)
 
     idx = choose_blocks(qp, _pad_to(kc32, 1, nbp), lse, lop, hip, t=t, layout=layout, block_size=bs,
-                        block_count=block_count, tie_break=tie_break, causal=causal_compression, scale=scale,
-                        block_q=bq)
+                        block_count=block_count, tie_break=tie_break, selection=selection,
+                        causal=causal_compression, scale=scale, block_q=bq)
     rows = _group_rows(layout)  # [HKV, GR]
     q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
                        qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))

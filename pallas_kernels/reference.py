@@ -161,11 +161,22 @@ def collapse_heads(o: jax.Array, layout: HeadLayout) -> jax.Array:
     return 0.5 * (o[:, :, :hq] + o[:, :, hq:2 * hq])
 
 
+def query_block_importance(importance: jax.Array, block_size: int) -> jax.Array:
+    """Importance [B, T, HKV, NB] summed over each block of block_size consecutive queries, given back to
+    every query of the block (their past blocks are the same, so -inf entries stay -inf)."""
+    b, t, hkv, nb = importance.shape
+    n = -(-t // block_size)
+    padded = jnp.pad(importance, ((0, 0), (0, n * block_size - t), (0, 0), (0, 0)))
+    summed = padded.reshape(b, n, block_size, hkv, nb).sum(2)
+    return jnp.repeat(summed, block_size, axis=1)[:, :t]
+
+
 def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_count: int = 32,
                   window_size: int = 256, segment_ids=None, causal_compression: bool = True,
-                  head_layout_kind: str = "gqa", tie_break: str = "recent", scale=None,
-                  return_block_indices: bool = False):
-    """The whole NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa per head, in q's dtype."""
+                  head_layout_kind: str = "gqa", tie_break: str = "recent", selection: str = "token",
+                  scale=None, return_block_indices: bool = False):
+    """The whole NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa per head, in q's dtype. selection
+    "query_block": one chosen set per block of block_size queries, by their summed importance."""
     layout = head_layout(head_layout_kind, q.shape[2], k.shape[2])
     qe = expand_heads(q, layout)
     gates = [expand_heads(g[..., None].astype(jnp.float32), layout) for g in (g_cmp, g_slc, g_swa)]
@@ -173,6 +184,8 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_c
                                        segment_ids=segment_ids, scale=scale)
     imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), jax.lax.stop_gradient(lse),
                            block_size=block_size, scale=scale, segment_ids=segment_ids)
+    if selection == "query_block":
+        imp = query_block_importance(imp, block_size)
     idx = select_blocks(imp, block_size=block_size, block_count=block_count, tie_break=tie_break,
                         group_size=layout.group_size, segment_ids=segment_ids)
     o_slc = selection_attention(qe, k, v, idx, block_size=block_size, scale=scale, segment_ids=segment_ids)
@@ -182,5 +195,5 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_c
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ["mean_pool", "compression_attention", "block_importance", "select_blocks", "selection_attention",
-           "window_attention", "expand_heads", "collapse_heads", "nsa_reference"]
+__all__ = ["mean_pool", "compression_attention", "block_importance", "query_block_importance", "select_blocks",
+           "selection_attention", "window_attention", "expand_heads", "collapse_heads", "nsa_reference"]

@@ -11,11 +11,13 @@ from pallas_kernels.backend import interpret_with, lowering_for
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
-                                      select_blocks, window_attention)
+                                      query_block_importance, select_blocks, window_attention)
 from pallas_kernels.segments import segment_bounds
+from pallas_kernels.topk import select_blocks_chunked
 from pallas_kernels.topk_fused import select_blocks_fused
 
 VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla")
+QUERY_BLOCK = dict(selection="query_block")
 
 CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mode, segment lengths)
     "native_g1_f32_ragged": (jnp.float32, 1, 70, 2, 2, 16, 16, 3, 20, {}, None),
@@ -24,6 +26,8 @@ CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mo
     "native_g8_bf16": (jnp.bfloat16, 1, 64, 16, 2, 32, 16, 3, 16, {}, None),
     "videonsa_6x2_f32_ragged": (jnp.float32, 1, 53, 6, 2, 16, 16, 8, 7, VIDEONSA, None),
     "videonsa_g7_bf16_packed": (jnp.bfloat16, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA, (32, 48)),
+    "query_block_g7_f32_packed_ragged": (jnp.float32, 1, 90, 7, 1, 16, 16, 2, 20, QUERY_BLOCK, (32, 58)),
+    "query_block_g2_bf16": (jnp.bfloat16, 1, 64, 4, 2, 16, 16, 3, 16, QUERY_BLOCK, None),
 }
 # Relative L2 error. On GPU float32 products run as tf32 (Triton's default, and XLA's for the oracle).
 TOL = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 3e-3, jnp.bfloat16: 2e-2}
@@ -100,6 +104,31 @@ TOPK_CASES = {  # name: (b, t, hq, hkv, block_size, block_count, layout, causal,
     "videonsa_layout_noncausal": (1, 200, 6, 2, 16, 8, "videonsa", False, 64, None, False),
     "videonsa_layout_ties": (1, 160, 6, 2, 16, 3, "videonsa", False, 32, (64, 96), True),
 }
+
+
+@pytest.mark.parametrize("name", ["gqa_g2_ragged", "gqa_packed", "gqa_ties_zero_queries",
+                                  "videonsa_layout_ties"])
+def test_query_block_topk_matches_oracle_selection(name):
+    """The kernel path's chunked query-block top-k chooses the oracle's block set for every token (chunks of
+    2 query blocks; ragged T, segments, exact ties, the padded head layout)."""
+    b, t, hq, hkv, bs, count, kind, causal, _, seg_lens, zero_q = TOPK_CASES[name]
+    d = 16
+    layout = head_layout(kind, hq, hkv)
+    (q, k, *_), _ = _inputs(len(name), b, t, hq, hkv, d, jnp.float32)
+    q = jnp.zeros_like(q) if zero_q else q
+    seg = jnp.zeros((b, t), jnp.int32) if seg_lens is None else jnp.asarray(
+        [np.repeat(np.arange(len(seg_lens)), seg_lens)] * b, jnp.int32)
+    qe = expand_heads(q, layout)
+    _, lse = compression_attention(qe, k, k, block_size=bs, causal=causal, segment_ids=seg)
+    imp = query_block_importance(block_importance(qe, k, lse, block_size=bs, segment_ids=seg), bs)
+    want = select_blocks(imp, block_size=bs, block_count=count, tie_break="recent",
+                         group_size=layout.group_size, segment_ids=seg)
+    lo, hi = segment_bounds(seg)
+    lse_rows = lse[:, :, :layout.virtual_heads].transpose(0, 2, 1)  # [B, Hv, T]
+    got = jax.jit(lambda *a: select_blocks_chunked(
+        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=d ** -0.5,
+        rule="query_block", chunk=2 * bs))(q, mean_pool(k, bs), lse_rows, lo, hi)
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
 
 
 @pytest.mark.parametrize("name", sorted(TOPK_CASES))

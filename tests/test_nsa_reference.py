@@ -19,8 +19,9 @@ def _softmax_rows(s):
     return e / e.sum(), m + math.log(e.sum())
 
 
-def numpy_nsa(q, k, v, gc, gs, gw, *, bs, count, window, seg, causal, layout, tie):
-    """Per-row loops in float64, written from SPEC §2-3 without sharing code with the package."""
+def numpy_nsa(q, k, v, gc, gs, gw, *, bs, count, window, seg, causal, layout, tie, query_block=False):
+    """Per-row loops in float64, written from SPEC §2-4 without sharing code with the package. query_block:
+    one chosen set per block of bs queries, by their importance summed (SPEC §4's opt-in)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     gates = [np.asarray(g, np.float64) for g in (gc, gs, gw)]
     b_, t_, hq, d = q.shape
@@ -51,20 +52,25 @@ def numpy_nsa(q, k, v, gc, gs, gw, *, bs, count, window, seg, causal, layout, ti
                     continue
                 w, lse[p, i] = _softmax_rows(np.array([qv @ kc[j, kv] * scale for j in vis]))
                 o_cmp[p, i] = sum(wj * vc[j, kv] for wj, j in zip(w, vis))
-        chosen = {}
+        chosen, imps = {}, {}
         for kv in range(hkv):
             group = range(kv * gp, (kv + 1) * gp)
             for i in range(t_):
-                cur, first = i // bs, start[i] // bs
-                imp = {}
-                for j in range(first, cur):
+                imps[i] = {}
+                for j in range(start[i] // bs, i // bs):
                     tot = 0.0
                     for p in group:
                         h = heads[p][0]
                         qv = q[b, i, h] if h is not None else np.zeros(d)
                         if np.isfinite(lse[p, i]):
                             tot += math.exp(qv @ kc[j, kv] * scale - lse[p, i])
-                    imp[j] = tot
+                    imps[i][j] = tot
+            for i in range(t_):
+                cur = i // bs
+                imp = imps[i]
+                if query_block:  # every query of the block has the same past blocks
+                    block = range(cur * bs, min((cur + 1) * bs, t_))
+                    imp = {j: sum(imps[i2][j] for i2 in block) for j in imp}
                 if tie == "recent":
                     past = sorted(imp, key=lambda j: (-imp[j], -j))
                     chosen[kv, i] = {cur, *past[:count - 1]}
@@ -152,6 +158,25 @@ def test_reference_matches_numpy_loops(name):
     got = np.asarray(jax.jit(lambda *a: nsa_attention(*a, **kw))(*args))
     want = numpy_nsa(*args, bs=bs, count=count, window=window, seg=seg, causal=causal, layout=layout, tie=tie)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal,layout,segs", [(True, "gqa", None), (True, "gqa", ((0, 32), (1, 75))),
+                                                (False, "videonsa", None)])
+def test_query_block_selection_matches_numpy_loops(causal, layout, segs):
+    """selection="query_block": each block of bs queries attends one set, chosen by their summed importance
+    (ragged T, packed segments, the padded head layout)."""
+    b, t, hq, hkv, d, bs, count, window = 1, 75, 4, 2, 8, 16, 2, 10
+    args = _inputs(11, b, t, hq, hkv, d)
+    seg = _segments(segs, b, t)
+    kw = dict(block_size=bs, block_count=count, window_size=window, segment_ids=seg, causal_compression=causal,
+              head_layout=layout, tie_break="recent", selection="query_block", impl="reference")
+    got = np.asarray(jax.jit(lambda *a: nsa_attention(*a, **kw))(*args))
+    want = numpy_nsa(*args, bs=bs, count=count, window=window, seg=seg, causal=causal, layout=layout,
+                     tie="recent", query_block=True)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    per_token = numpy_nsa(*args, bs=bs, count=count, window=window, seg=seg, causal=causal, layout=layout,
+                          tie="recent")
+    assert not np.allclose(per_token, want, atol=1e-3)  # the shared sets really differ from per-token ones
 
 
 def test_recent_ties_keep_the_latest_blocks():

@@ -15,6 +15,7 @@ from flax import nnx
 
 from hf_reference import hf_model
 from nsa_jax import NSAConfig, from_pretrained, get_rope_index, init_model, save_hf, tiny_config
+from nsa_jax.config import ConfigError
 from nsa_jax.conversion import iter_hf_tensors
 from nsa_jax.language import TokenContext
 from nsa_jax.rope import mrope_cos_sin
@@ -129,14 +130,15 @@ def test_videonsa_checkpoint_round_trip_keeps_names_and_dtypes(videonsa_pair, tm
         assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in a)
 
 
-def _native_model(seed=0):
-    return init_model(tiny_config(nsa=NSAConfig(mode="native", block_size=4, block_count=2, window_size=6)),
-                      seed=seed)
+def _native_model(seed=0, selection="token"):
+    nsa = NSAConfig(mode="native", block_size=4, block_count=2, window_size=6, selection=selection)
+    return init_model(tiny_config(nsa=nsa), seed=seed)
 
 
-def test_native_layer_matches_gathered_oracle():
+@pytest.mark.parametrize("selection", ["token", "query_block"])
+def test_native_layer_matches_gathered_oracle(selection):
     """Vision rows: NSA over the sample's vision tokens only (gathered); text rows: dense causal attention."""
-    model = _native_model()
+    model = _native_model(selection=selection)
     cfg = model.config
     rng = np.random.default_rng(2)
     ids = np.concatenate([_tokens(cfg, rng, grid=(2, 4, 6), text=(4, 3)),
@@ -157,10 +159,19 @@ def test_native_layer_matches_gathered_oracle():
         idx = np.flatnonzero(vision[b])
         g = gates[b:b + 1][:, idx]
         o = nsa_attention(q[b:b + 1, idx], k[b:b + 1, idx], v[b:b + 1, idx], g[..., 0], g[..., 1], g[..., 2],
-                          block_size=4, block_count=2, window_size=6, impl="reference")
+                          block_size=4, block_count=2, window_size=6, selection=selection, impl="reference")
         expected[b, idx] = np.asarray(o[0])
     expected = np.asarray(attn.o_proj(jnp.asarray(expected).reshape(*x.shape[:2], -1)))
     np.testing.assert_allclose(mine, expected, atol=1e-5, rtol=0)
+
+
+def test_query_block_selection_round_trips_and_needs_mode_native():
+    cfg = _native_model(selection="query_block").config
+    d = cfg.to_hf_dict()
+    assert d["nsa_selection"] == "query_block" and "nsa_selection" not in _native_model().config.to_hf_dict()
+    assert type(cfg).from_hf_dict(d, has_gates=True).nsa == cfg.nsa
+    with pytest.raises(ConfigError, match="nsa_selection='query_block' needs nsa_mode='native'"):
+        tiny_config(nsa=NSAConfig(mode="videonsa", selection="query_block")).validate()
 
 
 @pytest.mark.parametrize("mode", ["videonsa", "native"])

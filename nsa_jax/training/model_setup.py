@@ -47,7 +47,7 @@ def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
 
 def nsa_config(c: Any) -> NSAConfig:
     return NSAConfig(mode=c.mode, block_size=c.block_size, block_count=c.block_count, window_size=c.window_size,
-                     gate_temperature=c.gate_temperature, impl=c.impl)
+                     gate_temperature=c.gate_temperature, impl=c.impl, selection=c.selection)
 
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
