@@ -32,7 +32,8 @@ flags.DEFINE_integer("head_dim", 128, "head dim")
 flags.DEFINE_integer("block_size", 64, "NSA block size")
 flags.DEFINE_integer("block_count", 32, "NSA selected blocks")
 flags.DEFINE_integer("window_size", 256, "NSA sliding window")
-flags.DEFINE_enum("mode", "native", ["native", "videonsa"], "NSA mode of our kernels")
+flags.DEFINE_enum("mode", "native", ["native", "videonsa", "query_block"], "NSA mode of our kernels "
+                  "(query_block: mode native with selection='query_block', SPEC §4's opt-in)")
 flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and / or fwd_bwd")
 flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
@@ -52,7 +53,8 @@ def _flops_fwd(method: str, t: int) -> float:
     if method == "cudnn":
         pairs = t * (t + 1) / 2
     else:
-        cmp = np.maximum((i + 1) // bs, 1) if FLAGS.mode == "native" or method == "fla" else np.ceil(t / bs) - i // bs
+        causal = FLAGS.mode != "videonsa" or method == "fla"
+        cmp = np.maximum((i + 1) // bs, 1) if causal else np.ceil(t / bs) - i // bs
         slc = np.minimum(s, i // bs + 1) * bs
         swa = np.minimum(w, i + 1) if method == "nsa" else 0
         heads_ratio = 64 / h if method == "fla" else (2.0 if FLAGS.mode == "videonsa" else 1.0)
@@ -86,6 +88,8 @@ def _nsa_fn():
               impl="pallas")
     if FLAGS.mode == "videonsa":
         kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla")
+    elif FLAGS.mode == "query_block":
+        kw.update(selection="query_block")
     return lambda q, k, v, gc, gs, gw: nsa_attention(q, k, v, gc, gs, gw, **kw)
 
 

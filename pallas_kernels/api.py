@@ -45,8 +45,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     head_layout: "gqa" (head h reads KV head h // G) or "videonsa" (the released padded layout, `layout.py`).
     tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
     selection: "token" (each query its own top-k, the paper's) or "query_block" (SPEC §4's opt-in: one set per
-      block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" only).
-      The kernels still run it per token: it shares sets, not (yet) the work.
+      block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" and
+      head_layout "gqa" only); its kernel is block-sparse flash attention (`block_sparse.py`).
     Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
     impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, interpret mode on CPU; no
       TPU lowering yet) or "auto" (pallas on GPU, reference on CPU and TPU).
@@ -64,8 +64,9 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
         raise ValueError(f"tie_break must be 'recent' or 'fla', got {tie_break!r}")
     if selection not in ("token", "query_block"):
         raise ValueError(f"selection must be 'token' or 'query_block', got {selection!r}")
-    if selection == "query_block" and tie_break != "recent":
-        raise ValueError(f"selection='query_block' needs tie_break='recent', got {tie_break!r}")
+    if selection == "query_block" and (tie_break, head_layout) != ("recent", "gqa"):
+        raise ValueError(f"selection='query_block' needs tie_break='recent' and head_layout='gqa', got "
+                         f"{tie_break!r} and {head_layout!r}")
     if segment_ids is not None:
         if segment_ids.shape != (b, t):
             raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")

@@ -1,6 +1,6 @@
 """NSA through the Pallas kernels: compression and window (`masked_flash.py`), top-k (`topk_fused.py`, or
-`topk.py` for fla's network and for query blocks), selection (`selection.py`), gated sum in jnp (XLA fuses
-it; its gradient flows through autodiff)."""
+`topk.py` for fla's network and for query blocks), selection (`selection.py`, or `block_sparse.py` for query
+blocks), gated sum in jnp (XLA fuses it; its gradient flows through autodiff)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool
@@ -87,13 +88,17 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     idx = choose_blocks(qp, _pad_to(kc32, 1, nbp), lse, lop, hip, t=t, layout=layout, block_size=bs,
                         block_count=block_count, tie_break=tie_break, selection=selection,
                         causal=causal_compression, scale=scale, block_q=bq)
-    rows = _group_rows(layout)  # [HKV, GR]
-    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
-                       qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))
-    o_rows, _ = selection_attention(SelectionConfig(bs, scale, rows_per_token=layout.group_size), q_rows, kp,
-                                      vp, idx)
     vrows = np.arange(hv)
-    o_slc = o_rows[:, :, vrows // layout.group_size, vrows % layout.group_size]  # [B, Tp, Hv, D]
+    if selection == "query_block":  # gqa layout: virtual heads are the query heads
+        o_slc, _ = block_sparse_attention(BlockSparseConfig(bs, scale, layout.group_size), qp, kp, vp,
+                                          idx[:, ::bs])
+    else:
+        rows = _group_rows(layout)  # [HKV, GR]
+        q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
+                           qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))
+        o_rows, _ = selection_attention(SelectionConfig(bs, scale, rows_per_token=layout.group_size), q_rows,
+                                        kp, vp, idx)
+        o_slc = o_rows[:, :, vrows // layout.group_size, vrows % layout.group_size]  # [B, Tp, Hv, D]
 
     gate = lambda g_: _pad_to(g_, 1, tp).astype(jnp.float32)[:, :, vrows % hq, None]
     o = gate(g_cmp) * o_cmp + gate(g_slc) * o_slc + gate(g_swa) * o_swa

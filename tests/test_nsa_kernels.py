@@ -106,27 +106,35 @@ TOPK_CASES = {  # name: (b, t, hq, hkv, block_size, block_count, layout, causal,
 }
 
 
-@pytest.mark.parametrize("name", ["gqa_g2_ragged", "gqa_packed", "gqa_ties_zero_queries",
-                                  "videonsa_layout_ties"])
-def test_query_block_topk_matches_oracle_selection(name):
-    """The kernel path's chunked query-block top-k chooses the oracle's block set for every token (chunks of
-    2 query blocks; ragged T, segments, exact ties, the padded head layout)."""
+def _topk_case(name: str, query_block: bool):
+    """(layout, q, k, segment ids, compression lse [B, T, P], the oracle's chosen blocks) of a TOPK_CASES
+    entry (head dim 16)."""
     b, t, hq, hkv, bs, count, kind, causal, _, seg_lens, zero_q = TOPK_CASES[name]
-    d = 16
     layout = head_layout(kind, hq, hkv)
-    (q, k, *_), _ = _inputs(len(name), b, t, hq, hkv, d, jnp.float32)
+    (q, k, *_), _ = _inputs(len(name), b, t, hq, hkv, 16, jnp.float32)
     q = jnp.zeros_like(q) if zero_q else q
     seg = jnp.zeros((b, t), jnp.int32) if seg_lens is None else jnp.asarray(
         [np.repeat(np.arange(len(seg_lens)), seg_lens)] * b, jnp.int32)
     qe = expand_heads(q, layout)
     _, lse = compression_attention(qe, k, k, block_size=bs, causal=causal, segment_ids=seg)
-    imp = query_block_importance(block_importance(qe, k, lse, block_size=bs, segment_ids=seg), bs)
+    imp = block_importance(qe, k, lse, block_size=bs, segment_ids=seg)
+    imp = query_block_importance(imp, bs) if query_block else imp
     want = select_blocks(imp, block_size=bs, block_count=count, tie_break="recent",
                          group_size=layout.group_size, segment_ids=seg)
+    return layout, q, k, seg, lse, want
+
+
+@pytest.mark.parametrize("name", ["gqa_g2_ragged", "gqa_packed", "gqa_ties_zero_queries",
+                                  "videonsa_layout_ties"])
+def test_query_block_topk_matches_oracle_selection(name):
+    """The kernel path's chunked query-block top-k chooses the oracle's block set for every token (chunks of
+    2 query blocks; ragged T, segments, exact ties, the padded head layout)."""
+    _, _, _, _, bs, count, _, causal, _, _, _ = TOPK_CASES[name]
+    layout, q, k, seg, lse, want = _topk_case(name, query_block=True)
     lo, hi = segment_bounds(seg)
     lse_rows = lse[:, :, :layout.virtual_heads].transpose(0, 2, 1)  # [B, Hv, T]
     got = jax.jit(lambda *a: select_blocks_chunked(
-        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=d ** -0.5,
+        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=16 ** -0.5,
         rule="query_block", chunk=2 * bs))(q, mean_pool(k, bs), lse_rows, lo, hi)
     np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
 
@@ -135,18 +143,8 @@ def test_query_block_topk_matches_oracle_selection(name):
 def test_fused_topk_matches_oracle_selection(name):
     """The fused importance + top-k kernel chooses the oracle's block set ("recent" rule) for every token,
     including exact ties (zero queries), padded zero heads, segments and block_count > blocks."""
-    b, t, hq, hkv, bs, count, kind, causal, bq, seg_lens, zero_q = TOPK_CASES[name]
-    d = 16
-    layout = head_layout(kind, hq, hkv)
-    (q, k, *_), _ = _inputs(len(name), b, t, hq, hkv, d, jnp.float32)
-    q = jnp.zeros_like(q) if zero_q else q
-    seg = jnp.zeros((b, t), jnp.int32) if seg_lens is None else jnp.asarray(
-        [np.repeat(np.arange(len(seg_lens)), seg_lens)] * b, jnp.int32)
-    qe = expand_heads(q, layout)
-    _, lse = compression_attention(qe, k, k, block_size=bs, causal=causal, segment_ids=seg)
-    imp = block_importance(qe, k, lse, block_size=bs, segment_ids=seg)
-    want = select_blocks(imp, block_size=bs, block_count=count, tie_break="recent",
-                         group_size=layout.group_size, segment_ids=seg)
+    _, t, _, _, bs, count, _, causal, bq, _, _ = TOPK_CASES[name]
+    layout, q, k, seg, lse, want = _topk_case(name, query_block=False)
 
     tp = -(-t // max(bq, bs)) * max(bq, bs)
     lo, hi = segment_bounds(seg)
@@ -155,7 +153,7 @@ def test_fused_topk_matches_oracle_selection(name):
     kc = jnp.pad(kc, ((0, 0), (0, -kc.shape[1] % 16), (0, 0), (0, 0)))
     lse_rows = pad_t(lse[:, :, :layout.virtual_heads], -jnp.inf).transpose(0, 2, 1)  # [B, Hv, Tp]
     got = jax.jit(lambda *a: select_blocks_fused(
-        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=d ** -0.5, block_q=bq))(
+        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=16 ** -0.5, block_q=bq))(
         pad_t(q, 0.0), kc, lse_rows, pad_t(lo, t), pad_t(hi, tp))[:, :t]
     width = got.shape[-1]
     assert width == 1 << (count - 1).bit_length()
@@ -193,7 +191,7 @@ def test_impl_choice_per_platform():
         assert (resolve_impl("auto"), resolve_impl("pallas")) == ("reference", "pallas")
 
 
-@pytest.mark.parametrize("mode", ["native", "videonsa"])
+@pytest.mark.parametrize("mode", ["native", "videonsa", "query_block"])
 def test_kernels_lower_to_triton_for_h100(mode):
     """Forward + backward lower through Pallas' Triton backend for an abstract H100 (no GPU needed): catches
     what the interpreter accepts and Triton does not (block shapes, primitives). Compiling the Triton IR to
@@ -203,10 +201,11 @@ def test_kernels_lower_to_triton_for_h100(mode):
     b, t, hq, hkv, d = 1, 1000, 28, 4, 128
     args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16) for h in (hq, hkv, hkv)]
     args += [jax.ShapeDtypeStruct((b, t, hq), jnp.bfloat16)] * 3
-    kw = VIDEONSA if mode == "videonsa" else {}
+    kw = {"videonsa": VIDEONSA, "query_block": QUERY_BLOCK}.get(mode, {})
     loss = lambda *a: nsa_attention(*a, impl="pallas", **kw).astype(jnp.float32).sum()
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    # compression, window and selection: fwd, dq, dk/dv each; plus the fused top-k in mode native
+    # compression, window and selection (per token or block-sparse): fwd, dq, dk/dv each; plus the fused top-k
+    # in mode native (per token); the other top-k rules run in jnp
     assert text.count("__gpu$xla.gpu.triton") == (10 if mode == "native" else 9), text.count("__gpu$xla.gpu.triton")

@@ -6,9 +6,9 @@ XLA_FLAGS takes effect before jax is imported."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+
+from fake_devices import run_with_fake_devices
 
 
 def _compare() -> dict:
@@ -47,13 +47,7 @@ def _compare() -> dict:
 
 
 def test_kernels_inside_head_parallel_match_oracle(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path / "out.json")], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads((tmp_path / "out.json").read_text())
+    r = run_with_fake_devices(__file__, 4, tmp_path / "out.json")
     assert r["shard_map"] and r["kernels"] >= 4, r  # compression, window, top-k, selection inside shard_map
     assert r["max_rel_out_diff"] < 1e-5 and r["max_rel_grad_diff"] < 1e-5, r
 

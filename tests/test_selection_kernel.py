@@ -1,5 +1,6 @@
-"""The selection kernels alone (interpret mode on CPU, Triton on GPU) against the jnp oracle, tokens in one or
-several chunks: outputs and the gradients for q, k and v."""
+"""The selection kernels alone (interpret mode on CPU, Triton on GPU) against the jnp oracle: per token, tokens
+in one or several chunks, and block-sparse (one set per query block); outputs and the gradients for q, k
+and v."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference as ref
+from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
 from pallas_kernels.selection import SelectionConfig, _selection_fwd, selection_attention
 
 B, T, HKV, G, GR, D, BS = 1, 96, 2, 7, 16, 16, 16
@@ -39,18 +41,40 @@ def test_selection_matches_oracle(n_sel, chunks):
     chunked_idx = jax.eval_shape(lambda *a: _selection_fwd(cfg, *a)[1][-1][0], q_rows_shape, k, v, idx)
     assert chunked_idx.shape == (chunks, B, -(-T // chunks), HKV, n_sel)
 
-    def kernel_loss(q, k, v):
+    def kernel(q, k, v):
         q_rows = jnp.pad(q.reshape(B, T, HKV, G, D), ((0, 0),) * 3 + ((0, GR - G), (0, 0)))
-        o = selection_attention(cfg, q_rows, k, v, idx)[0][:, :, :, :G].reshape(B, T, HKV * G, D)
-        return (o * w).sum(), o
+        return selection_attention(cfg, q_rows, k, v, idx)[0][:, :, :, :G].reshape(B, T, HKV * G, D)
 
-    def oracle_loss(q, k, v):
-        o = ref.selection_attention(q, k, v, idx, block_size=BS)
-        return (o * w).sum(), o
+    _check_against_oracle(kernel, idx, q, k, v, w)
 
-    (_, got), got_grads = jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    (_, want), want_grads = jax.jit(jax.value_and_grad(oracle_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+def _check_against_oracle(kernel, idx, q, k, v, w):
+    """kernel(q, k, v) -> o and its gradients for q, k, v (through the loss sum(o * w)) against the oracle's
+    with the per-token chosen blocks idx."""
+    def loss(f):
+        return lambda q, k, v: ((f(q, k, v) * w).sum(), f(q, k, v))
+
+    oracle = lambda q, k, v: ref.selection_attention(q, k, v, idx, block_size=BS)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(loss(kernel), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, want), want_grads = jax.jit(jax.value_and_grad(loss(oracle), argnums=(0, 1, 2), has_aux=True))(q, k, v)
     tol = 2e-5 if jax.default_backend() == "cpu" else 3e-3
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     for g, r in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, r, atol=10 * tol, rtol=10 * tol)
+
+
+def test_block_sparse_matches_oracle():
+    """One chosen set per query block of BS tokens (the current block, random earlier ones, -1 where none
+    are left), given to the oracle per token."""
+    rng = np.random.default_rng(3)
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
+    k, v = (jax.random.normal(kk, (B, T, HKV, D), jnp.float32) for kk in ks[1:3])
+    w = jax.random.normal(ks[3], (B, T, HKV * G, D), jnp.float32)
+    per_block = _chosen_blocks(rng, 3)[:, ::BS]  # [B, T / BS, HKV, 3]
+    idx = jnp.asarray(np.repeat(per_block, BS, axis=1))
+    cfg = BlockSparseConfig(BS, D ** -0.5, G)
+
+    assert (per_block == -1).any() and (per_block >= 0).sum(-1).max() == 3  # empty slots and full sets
+    _check_against_oracle(lambda q, k, v: block_sparse_attention(cfg, q, k, v, jnp.asarray(per_block))[0], idx,
+                          q, k, v, w)

@@ -5,9 +5,9 @@ imported."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+
+from fake_devices import run_with_fake_devices
 
 LAYOUTS = [
     {"data": 8},
@@ -61,13 +61,7 @@ def _compare_layouts() -> dict:
     return out
 
 def test_mesh_layouts_match_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path / "out.json")], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = run_with_fake_devices(__file__, 8, tmp_path / "out.json")
     for mode in MODES:
         for r in out[mode]["layouts"]:
             assert r["tokens"] == r["ref_tokens"], (mode, r)
