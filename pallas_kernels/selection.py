@@ -11,9 +11,9 @@ dq product takes anyway); dq then runs one program per (token, KV head), summing
 blocks: K read once per (token, block), V not at all.
 
 Measured on an H200 (BENCHMARKS.md, 2026-12-01, T = 64K): the block-centric forward 21 ms against 32 ms for
-a per-token one (which reads each chosen block once per token); dq as float32 partials per (token, slot)
-summed over the slots made the backward 57 ms against 47 ms with a per-token dq kernel that recomputed ds
-(reading K and V per token), and float32 atomic adds were 2x slower still."""
+a per-token one (which reads each chosen block once per token); the backward took 41 ms with dq from the
+kept ds, 47 ms with a per-token dq kernel that recomputed ds (reading K and V per token), 57 ms with dq as
+float32 partials per (token, slot) summed over the slots, and float32 atomic adds were 2x slower still."""
 
 from __future__ import annotations
 
