@@ -60,6 +60,37 @@ def ceil_div(a, b):
     return (a + b - 1) // b
 
 
+def softmax_init(rows: int, d: int):
+    """(acc, running max, running sum) of an online softmax over `rows` query rows."""
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def softmax_step(carry, s: jax.Array, v: jax.Array):
+    """One key tile of an online softmax: masked logits s [rows, keys] (-inf = masked), values v [keys, D]."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    corr = jnp.exp(m - m_safe)
+    return acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
+
+
+def softmax_result(carry) -> tuple[jax.Array, jax.Array]:
+    """(o [rows, D] float32, natural-log lse [rows]) of an online softmax; a row that saw nothing gets o = 0
+    and lse = -inf."""
+    acc, m, l = carry
+    l_safe = jnp.where(l > 0, l, 1.0)
+    return acc / l_safe[:, None], jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def probs_from_lse(s: jax.Array, lse: jax.Array) -> jax.Array:
+    """Softmax probabilities of masked logits s [rows, keys] given each row's lse (0 where masked or the row
+    saw nothing)."""
+    finite = (lse > -jnp.inf)[:, None]
+    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+
+
 def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """2-D matrix product with float32 accumulation, lowering on Triton, Mosaic and interpret mode."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, dot
+from pallas_kernels.backend import call_options, dot, probs_from_lse, softmax_init, softmax_result, softmax_step
 from pallas_kernels.selection import inverted_index
 
 
@@ -39,31 +39,18 @@ def _scores(cfg: BlockSparseConfig, q, k_ref, blk, rows):
     return s, k, start
 
 
-def _probs(s, lse):
-    finite = (lse > -jnp.inf)[:, None]
-    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, cfg: BlockSparseConfig, n_sel: int):
     bs = cfg.block_size
     q = q_ref[...]
     rows = pl.program_id(1) * bs + jnp.arange(bs)[:, None]
 
     def body(j, carry):
-        acc, m, l = carry
         s, _, start = _scores(cfg, q, k_ref, idx_ref[j], rows)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])
-        corr = jnp.exp(m - m_safe)
-        v = v_ref[pl.ds(start, bs), :]
-        return acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
+        return softmax_step(carry, s, v_ref[pl.ds(start, bs), :])
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), -jnp.inf, jnp.float32), jnp.zeros((bs,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, n_sel, body, init)
-    l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+    o, lse = softmax_result(jax.lax.fori_loop(0, n_sel, body, softmax_init(bs, q.shape[-1])))
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: BlockSparseConfig,
@@ -74,7 +61,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
     def body(j, dq):
         s, k, start = _scores(cfg, q, k_ref, idx_ref[j], rows)
-        ds = _probs(s, lse) * (dot(do, v_ref[pl.ds(start, bs), :], trans_b=True) - delta[:, None])
+        ds = probs_from_lse(s, lse) * (dot(do, v_ref[pl.ds(start, bs), :], trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(0, n_sel, body, jnp.zeros(q.shape, jnp.float32))
@@ -96,7 +83,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, do_ref, lse_ref, 
         q, do = q_ref[pl.ds(start, bs), :], do_ref[pl.ds(start, bs), :]
         rows = start + jnp.arange(bs)[:, None]
         s = jnp.where(cols <= rows, dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
-        p = _probs(s, lse_ref[pl.ds(start, bs)])
+        p = probs_from_lse(s, lse_ref[pl.ds(start, bs)])
         ds = p * (dot(do, v, trans_b=True) - delta_ref[pl.ds(start, bs)][:, None])
         return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv + dot(p.astype(do.dtype), do, trans_a=True)
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, ceil_div, dot
+from pallas_kernels.backend import (call_options, ceil_div, dot, probs_from_lse, softmax_init, softmax_result,
+                                    softmax_step)
 
 MASK_KINDS = ("cmp_causal", "cmp_full", "window")
 _DKV_QUERY_SPLITS = 32
@@ -86,30 +87,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg: Mas
     first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
 
     def body(t, carry):
-        acc, m, l = carry
         k = k_ref[pl.ds(t * bk, bk), :]
         v = v_ref[pl.ds(t * bk, bk), :]
         s = dot(q, k, trans_b=True) * cfg.scale
         s = jnp.where(_mask(cfg, rows, t * bk + jnp.arange(bk)[None, :], lo, hi), s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])
-        corr = jnp.exp(m - m_safe)
-        return (acc * corr[:, None] + dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1))
+        return softmax_step(carry, s, v)
 
-    d = q.shape[-1]
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(first, last, body, init)
-    l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+    o, lse = softmax_result(jax.lax.fori_loop(first, last, body, softmax_init(bq, q.shape[-1])))
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _probs(cfg, q, k, rows, cols, lo, hi, lse):
-    finite = (lse > -jnp.inf)[:, None]
-    s = dot(q, k, trans_b=True) * cfg.scale
-    mask = _mask(cfg, rows, cols, lo, hi) & finite
-    return jnp.where(mask, jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+    s = jnp.where(_mask(cfg, rows, cols, lo, hi), dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+    return probs_from_lse(s, lse)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *,

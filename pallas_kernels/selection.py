@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, ceil_div, dot
+from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +39,6 @@ class SelectionConfig:
     num_stages: int = 2
     rows_per_token: int | None = None
     partial_bytes: int = 2 << 30
-
-
-def _probs(s, lse):
-    finite = (lse > -jnp.inf)[:, None]
-    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
 
 
 def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -173,7 +168,7 @@ def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
         def tile(carry, q, rows, ok, out, s):
             dk, dv = carry
             do = do_ref[rows, :]
-            p = _probs(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
+            p = probs_from_lse(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = (p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])).astype(q.dtype)
             ds_ref[out, :] = ds

@@ -204,5 +204,6 @@ def test_flops_of_a_dense_model_by_hand():
         + 3 * t.hidden_size * t.intermediate_size
     matmul = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size
     attention = t.num_hidden_layers * 4 * t.num_attention_heads * t.head_dim * n * (n + 1) / 2
-    assert flops.train_step_flops(cfg, samples=2, text_tokens=n, vision_tokens=0) == 3 * 2 * (2 * matmul * n + attention)
+    want = 3 * 2 * (2 * matmul * n + attention)
+    assert flops.train_step_flops(cfg, samples=2, text_tokens=n, vision_tokens=0) == want
     assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and flops.peak_flops("cpu") is None
