@@ -39,7 +39,7 @@ flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (native mode) separately, forward and "
+flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, forward and "
                   "forward+backward")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
                   "num_warps:num_stages, forward and forward+backward; the first also its inverted index, "
@@ -146,18 +146,19 @@ def _time_fla(t: int, passes: str) -> float:
 
 
 def _breakdown(t: int) -> dict:
-    """Forward milliseconds of each stage of our NSA (native mode): compression, window, top-k, selection."""
+    """Milliseconds of each stage of our NSA (modes native and query_block): compression, window, top-k,
+    selection, forward and forward+backward."""
+    from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
     from pallas_kernels.layout import head_layout
     from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
     from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
-    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
-                                          _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
 
     q, k, v, _, _ = _jax_inputs(t)
     b, _, hq, d = q.shape
     bs, scale = FLAGS.block_size, d ** -0.5
+    selection = "query_block" if FLAGS.mode == "query_block" else "token"
     layout = head_layout("gqa", hq, k.shape[2])
     lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
     heads = dict(num_q_heads=hq, virtual_heads=hq, group_size=layout.group_size, scale=scale)
@@ -169,11 +170,10 @@ def _breakdown(t: int) -> dict:
     _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
     topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
         q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count,
-        tie_break="recent", selection="token", causal=True, scale=scale, block_q=bq))
+        tie_break="recent", selection=selection, causal=True, scale=scale, block_q=bq))
     kc32 = _pad_to(kc32, 1, kc.shape[1])
     idx = topk(q, kc32, lse)
-    rows = np.asarray(_group_rows(layout))
-    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
+
     def fwd_bwd(f, *args):
         """Time of forward + backward of f's first output for its first three arguments."""
         loss = lambda *a: f(*a)[0].astype(jnp.float32).sum()
@@ -188,9 +188,28 @@ def _breakdown(t: int) -> dict:
         "window_fwd_bwd": fwd_bwd(swa, q, k, v, lo, hi),
         "topk": _time_jax(topk, q, kc32, lse),
     }
+    if selection == "query_block":
+        bsa = lambda *a: block_sparse_attention(BlockSparseConfig(bs, scale, layout.group_size), *a)
+        times["selection"] = _time_jax(jax.jit(bsa), q, k, v, idx)
+        times["selection_fwd_bwd"] = fwd_bwd(bsa, q, k, v, idx)
+    else:
+        rows = np.asarray(_group_rows(layout))
+        q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
+        times.update(_token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd))
+    return times
+
+
+def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
+    """Per-token selection kernel: forward and forward+backward per `--selection_configs` setting; for the
+    first also its inverted index, forward kernels and backward alone."""
+    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
+                                          _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
+
+    b, bs, d = q_rows.shape[0], FLAGS.block_size, q_rows.shape[-1]
+    times = {}
     for n, spec in enumerate(FLAGS.selection_configs):
         warps, stages = (int(x) for x in spec.split(":"))
-        cfg = SelectionConfig(bs, scale, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
+        cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
         slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
         try:
             times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
@@ -204,7 +223,7 @@ def _breakdown(t: int) -> dict:
             times["selection_index"] = _time_jax(jax.jit(lambda i: _chunked_index(sh, i, t // bs)), idx)
             partials = lambda ci, cfg=cfg: _block_call(
                 _fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
-                [("partial", q.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
+                [("partial", q_rows.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
             times["selection_index_and_fwd_kernel"] = _time_jax(
                 jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(sh, i, t // bs))), idx)
             times["selection_bwd"] = _time_jax(  # fed do = o

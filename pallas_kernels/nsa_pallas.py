@@ -1,6 +1,6 @@
 """NSA through the Pallas kernels: compression and window (`masked_flash.py`), top-k (`topk_fused.py`, or
-`topk.py` for fla's network and for query blocks), selection (`selection.py`, or `block_sparse.py` for query
-blocks), gated sum in jnp (XLA fuses it; its gradient flows through autodiff)."""
+`topk_query_block.py` for query blocks, `topk.py` for fla's network), selection (`selection.py`, or
+`block_sparse.py` for query blocks), gated sum in jnp (XLA fuses it; its gradient flows through autodiff)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pallas_kernels.segments import segment_bounds
 from pallas_kernels.selection import SelectionConfig, selection_attention
 from pallas_kernels.topk import select_blocks_chunked
 from pallas_kernels.topk_fused import select_blocks_fused
+from pallas_kernels.topk_query_block import select_blocks_query_block
 
 
 def _next_pow2(n: int) -> int:
@@ -44,16 +45,21 @@ def _group_rows(layout: HeadLayout) -> np.ndarray:
 
 def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_size: int, block_count: int,
                   tie_break: str, selection: str, causal: bool, scale: float, block_q: int) -> jax.Array:
-    """Chosen blocks [B, Tp, HKV, next_pow2(block_count)] (-1 = empty) of the padded tokens (no gradient).
+    """Chosen blocks [B, N, HKV, next_pow2(block_count)] (-1 = empty, no gradient) of each padded token (N =
+    Tp) or, for selection "query_block", of each query block (N = Tp // block_size).
     qp [B, Tp, HQ, D]; kc32 [B, NBp, HKV, D] float32 block means; lse [B, Hv, Tp]; lop, hip [B, Tp]."""
     qp, kc32, lse = (jax.lax.stop_gradient(x) for x in (qp, kc32, lse))
-    if selection == "token" and tie_break == "recent":
+    width = _next_pow2(block_count)
+    if selection == "query_block":
+        idx = select_blocks_query_block(qp, kc32, lse, lop, layout=layout, t=t, block_size=block_size,
+                                        block_count=block_count, scale=scale)
+        return _pad_to(idx, 3, width, -1)
+    if tie_break == "recent":
         return select_blocks_fused(qp, kc32, lse, lop, hip, layout=layout, block_size=block_size,
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
     idx = select_blocks_chunked(qp[:, :t], kc32, lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout,
-                                block_size=block_size, block_count=block_count, causal=causal, scale=scale,
-                                rule="fla" if selection == "token" else "query_block")
-    return _pad_to(_pad_to(idx, 3, _next_pow2(block_count), -1), 1, qp.shape[1], -1)
+                                block_size=block_size, block_count=block_count, causal=causal, scale=scale)
+    return _pad_to(_pad_to(idx, 3, width, -1), 1, qp.shape[1], -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
@@ -91,7 +97,7 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     vrows = np.arange(hv)
     if selection == "query_block":  # gqa layout: virtual heads are the query heads
         o_slc, _ = block_sparse_attention(BlockSparseConfig(bs, scale, layout.group_size), qp, kp, vp,
-                                          idx[:, ::bs])
+                                          idx)
     else:
         rows = _group_rows(layout)  # [HKV, GR]
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],

@@ -1,6 +1,6 @@
-"""Block importance and a top-k rule for the kernel path, in jnp over chunks of tokens: fla's network (mode
-videonsa, tie_break "fla") per token, or the "recent" rule per block of queries (selection "query_block").
-(The per-token "recent" rule has a fused Pallas kernel: `topk_fused.py`.)
+"""Block importance and fla's top-k network (tie_break "fla", mode videonsa) for the kernel path, in jnp over
+chunks of tokens. (The "recent" rule has Pallas kernels: `topk_fused.py` per token, `topk_query_block.py` per
+block of queries.)
 
 Scores are computed for `chunk` tokens at a time (`lax.map`), so [B, T, H, NB] is never held at once: at
 128K tokens the whole importance tensor would be gigabytes. Rows are virtual heads (`layout.py`); in the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.layout import HeadLayout
-from pallas_kernels.topk_rules import fla_topk, recent_topk
+from pallas_kernels.topk_rules import fla_topk
 
 
 def _visible_blocks(pos, lo, hi, block_size: int, causal: bool):
@@ -26,12 +26,11 @@ def _visible_blocks(pos, lo, hi, block_size: int, causal: bool):
 
 
 def select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size: int, block_count: int,
-                          causal: bool, scale: float, rule: str, chunk: int = 512) -> jax.Array:
-    """Chosen blocks [B, T, HKV, block_count] int32 (-1 = empty).
+                          causal: bool, scale: float, chunk: int = 512) -> jax.Array:
+    """Chosen blocks [B, T, HKV, block_count] int32 (-1 = empty) by fla's network.
 
     q [B, T, HQ, D]; k_cmp [B, NB, HKV, D] block means; lse [B, Hv, T] of the compression branch; lo, hi
-    [B, T] segment bounds (every segment starts on a block boundary). rule: "fla" (fla's network per token)
-    or "query_block" (the "recent" rule on the importance summed over each block of block_size queries).
+    [B, T] segment bounds (every segment starts on a block boundary).
     """
     b, t, hq, d = q.shape
     nb, hkv = k_cmp.shape[1], k_cmp.shape[2]
@@ -39,8 +38,6 @@ def select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_si
     heads = jnp.arange(hv)
     kc = k_cmp.astype(jnp.float32)[:, :, heads // g]  # [B, NB, Hv, D]
     zero_rows = np.asarray([layout.zero_rows_of_kv_head(h) for h in range(hkv)], np.float32)
-    if rule == "query_block":
-        chunk = block_size * max(1, chunk // block_size)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     padded = lambda x, axis: jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
@@ -59,12 +56,6 @@ def select_blocks_chunked(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_si
         if zero_rows.any():
             n = _visible_blocks(pos, loc, hic, block_size, causal).astype(jnp.float32)
             imp = imp + jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)[:, :, None, None] * zero_rows[:, None]
-        if rule == "query_block":  # tokens past t (chunk padding) add nothing
-            qb = jnp.where((pos < t)[None, :, None, None], imp, 0.0)
-            qb = qb.reshape(b, chunk // block_size, block_size, hkv, nb).sum(2)
-            cur = jnp.broadcast_to((pos[::block_size] // block_size)[None, :, None], qb.shape[:3])
-            first = jnp.broadcast_to((loc[:, ::block_size] // block_size)[:, :, None], qb.shape[:3])
-            return jnp.repeat(recent_topk(qb, cur, first, block_count=block_count), block_size, axis=1)
         cur = jnp.broadcast_to((pos // block_size)[None, :, None], (b, chunk, hkv))
         first = jnp.broadcast_to((loc // block_size)[:, :, None], (b, chunk, hkv))
         rel = jnp.minimum(jnp.arange(nb) + first[..., None], nb - 1)

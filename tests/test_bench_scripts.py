@@ -21,12 +21,16 @@ def test_bench_train_reports_consistent_mfu(tmp_path):
     assert r["last_loss"] < r["first_loss"]  # after two AdamW updates on one fixed batch
 
 
-def test_bench_query_block_mode(tmp_path):
+def test_bench_query_block_mode_and_breakdown(tmp_path):
     r = _run(["launch.bench", "--seq_lens=96", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
-              "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd_bwd", "--mode=query_block",
-              "--iters=1", "--warmup=0"], tmp_path)
+              "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--mode=query_block",
+              "--breakdown", "--iters=1", "--warmup=0"], tmp_path)
     (row,) = r["rows"]
     assert r["flags"]["mode"] == "query_block" and row["nsa"]["ms"] > 0
+    stages = row["breakdown_ms"]
+    assert set(stages) == {"compression", "compression_fwd_bwd", "window", "window_fwd_bwd", "topk", "selection",
+                           "selection_fwd_bwd"}
+    assert all(isinstance(ms, float) and ms > 0 for ms in stages.values()), stages
 
 
 def test_bench_nsa_table_and_breakdown(tmp_path):

@@ -13,8 +13,8 @@ from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
                                       query_block_importance, select_blocks, window_attention)
 from pallas_kernels.segments import segment_bounds
-from pallas_kernels.topk import select_blocks_chunked
 from pallas_kernels.topk_fused import select_blocks_fused
+from pallas_kernels.topk_query_block import select_blocks_query_block
 
 VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla")
 QUERY_BLOCK = dict(selection="query_block")
@@ -124,19 +124,25 @@ def _topk_case(name: str, query_block: bool):
     return layout, q, k, seg, lse, want
 
 
-@pytest.mark.parametrize("name", ["gqa_g2_ragged", "gqa_packed", "gqa_ties_zero_queries",
-                                  "videonsa_layout_ties"])
+@pytest.mark.parametrize("name", ["gqa_g2_ragged", "gqa_g7_query_tile_spans_blocks", "gqa_packed",
+                                  "gqa_ties_zero_queries"])
 def test_query_block_topk_matches_oracle_selection(name):
-    """The kernel path's chunked query-block top-k chooses the oracle's block set for every token (chunks of
-    2 query blocks; ragged T, segments, exact ties, the padded head layout)."""
-    _, _, _, _, bs, count, _, causal, _, _, _ = TOPK_CASES[name]
+    """The query-block importance kernel + "recent" rule chooses the oracle's block set for every query block
+    (ragged T, G = 7, segments, exact ties)."""
+    _, t, _, _, bs, count, _, causal, _, _, _ = TOPK_CASES[name]
     layout, q, k, seg, lse, want = _topk_case(name, query_block=True)
-    lo, hi = segment_bounds(seg)
-    lse_rows = lse[:, :, :layout.virtual_heads].transpose(0, 2, 1)  # [B, Hv, T]
-    got = jax.jit(lambda *a: select_blocks_chunked(
-        *a, layout=layout, block_size=bs, block_count=count, causal=causal, scale=16 ** -0.5,
-        rule="query_block", chunk=2 * bs))(q, mean_pool(k, bs), lse_rows, lo, hi)
-    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
+    nqb = -(-t // bs)
+    pad_t = lambda x, value: jnp.pad(x, [(0, 0), (0, nqb * bs - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    kc = mean_pool(k, bs)
+    kc = jnp.pad(kc, ((0, 0), (0, -kc.shape[1] % min(64, 1 << (kc.shape[1] - 1).bit_length())), (0, 0), (0, 0)))
+    lo, _ = segment_bounds(seg)
+    lse_rows = pad_t(lse, -jnp.inf).transpose(0, 2, 1)  # [B, HQ, Tp]
+    got = jax.jit(lambda *a: select_blocks_query_block(
+        *a, layout=layout, t=t, block_size=bs, block_count=count, scale=16 ** -0.5))(
+        pad_t(q, 0.0), kc, lse_rows, pad_t(lo, t))
+    want = np.asarray(want)
+    np.testing.assert_array_equal(want, np.repeat(want[:, ::bs], bs, axis=1)[:, :t])  # one set per block
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want[:, ::bs], -1))
 
 
 @pytest.mark.parametrize("name", sorted(TOPK_CASES))
@@ -206,6 +212,6 @@ def test_kernels_lower_to_triton_for_h100(mode):
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    # compression, window and selection (per token or block-sparse): fwd, dq, dk/dv each; plus the fused top-k
-    # in mode native (per token); the other top-k rules run in jnp
-    assert text.count("__gpu$xla.gpu.triton") == (10 if mode == "native" else 9), text.count("__gpu$xla.gpu.triton")
+    # compression, window and selection (per token or block-sparse): fwd, dq, dk/dv each; plus the top-k
+    # kernel of the "recent" rule (per token or per query block); fla's network runs in jnp
+    assert text.count("__gpu$xla.gpu.triton") == (9 if mode == "videonsa" else 10), text.count("__gpu$xla.gpu.triton")
