@@ -42,8 +42,8 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, forward and "
                   "forward+backward")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
-                  "num_warps:num_stages, forward and forward+backward; the first also its inverted index, "
-                  "forward kernels and backward alone")
+                  "num_warps:num_stages, forward and forward+backward; in mode native the first also its "
+                  "inverted index, forward kernels and backward alone")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -189,9 +189,15 @@ def _breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
     }
     if selection == "query_block":
-        bsa = lambda *a: block_sparse_attention(BlockSparseConfig(bs, scale, layout.group_size), *a)
-        times["selection"] = _time_jax(jax.jit(bsa), q, k, v, idx)
-        times["selection_fwd_bwd"] = fwd_bwd(bsa, q, k, v, idx)
+        for spec in FLAGS.selection_configs:
+            warps, stages = (int(x) for x in spec.split(":"))
+            cfg = BlockSparseConfig(bs, scale, layout.group_size, num_warps=warps, num_stages=stages)
+            bsa = lambda *a, cfg=cfg: block_sparse_attention(cfg, *a)
+            try:
+                times[f"selection[{spec}]"] = _time_jax(jax.jit(bsa), q, k, v, idx)
+                times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(bsa, q, k, v, idx)
+            except Exception as e:  # noqa: BLE001 - a setting that does not fit the device is reported, not fatal
+                times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
     else:
         rows = np.asarray(_group_rows(layout))
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)

@@ -2,8 +2,8 @@
 queries shares one set of chosen KV blocks per KV head, so a program takes a whole query block of one head
 (bs rows, a full tensor-core tile) and runs flash attention over the set's blocks: K / V are read once per
 (query block, head) instead of once per token. Forward and dq: one program per (query block, query head);
-dk / dv: one per (KV block, query head) over the query blocks that chose it (`selection.inverted_index`),
-summed over each KV head's query heads outside. Shapes: q [B, Tp, HQ, D], k / v [B, Tp, HKV, D] (Tp a
+dk / dv: one per (KV block, KV head) over the query blocks that chose it (`selection.inverted_index`) and the
+KV head's query heads. Shapes: q [B, Tp, HQ, D], k / v [B, Tp, HKV, D] (Tp a
 multiple of bs), idx [B, Tp // bs, HKV, S] int32 (-1 = empty); head h reads KV head h // (HQ / HKV).
 """
 
@@ -22,11 +22,14 @@ from pallas_kernels.selection import inverted_index
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparseConfig:
-    """block_size (query and key block), scale, group_size (query heads per KV head)."""
+    """block_size (query and key block), scale, group_size (query heads per KV head); Triton's num_warps and
+    num_stages."""
 
     block_size: int
     scale: float
     group_size: int
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def _scores(cfg: BlockSparseConfig, q, k_ref, blk, rows):
@@ -70,27 +73,32 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 cfg: BlockSparseConfig, n_sel: int):
-    """dk, dv of one KV block from one query head's query blocks that chose it."""
-    bs = cfg.block_size
-    blk = pl.program_id(2)
+    """dk, dv of one KV block from the query blocks that chose it, over the KV head's query heads."""
+    bs, g = cfg.block_size, cfg.group_size
+    h, blk = pl.program_id(1), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     cols = blk * bs + jnp.arange(bs)[None, :]
     first, last = offsets_ref[blk], offsets_ref[blk + 1]
 
     def body(e, carry):
-        dk, dv = carry
         start = pl.multiple_of(entries_ref[e] // n_sel * bs, bs)
-        q, do = q_ref[pl.ds(start, bs), :], do_ref[pl.ds(start, bs), :]
-        rows = start + jnp.arange(bs)[:, None]
-        s = jnp.where(cols <= rows, dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
-        p = probs_from_lse(s, lse_ref[pl.ds(start, bs)])
-        ds = p * (dot(do, v, trans_b=True) - delta_ref[pl.ds(start, bs)][:, None])
-        return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv + dot(p.astype(do.dtype), do, trans_a=True)
+        causal = cols <= start + jnp.arange(bs)[:, None]
+
+        def head(j, carry):
+            dk, dv = carry
+            hq = h * g + j
+            q, do = q_ref[pl.ds(start, bs), hq, :], do_ref[pl.ds(start, bs), hq, :]
+            s = jnp.where(causal, dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+            p = probs_from_lse(s, lse_ref[hq, pl.ds(start, bs)])
+            ds = p * (dot(do, v, trans_b=True) - delta_ref[hq, pl.ds(start, bs)][:, None])
+            return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv + dot(p.astype(do.dtype), do, trans_a=True)
+
+        return jax.lax.fori_loop(0, g, head, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(first, last, body, (zeros, zeros))
-    dk_ref[...] = dk * cfg.scale
-    dv_ref[...] = dv
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _specs(cfg: BlockSparseConfig, tp: int, d: int, n_sel: int):
@@ -115,14 +123,14 @@ def _forward(cfg: BlockSparseConfig, q, k, v, idx):
         out_specs=[sp["tile"], sp["tile_scalars"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         name="nsa_block_sparse_fwd",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, idx)
 
 
 def _backward(cfg: BlockSparseConfig, res, do, dlse):
     q, k, v, idx, o, lse = res
     b, tp, hq, d = q.shape
-    hkv, n_sel, bs, g = k.shape[2], idx.shape[-1], cfg.block_size, cfg.group_size
+    hkv, n_sel, bs = k.shape[2], idx.shape[-1], cfg.block_size
     nb = tp // bs
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1).transpose(0, 2, 1) - dlse  # [B, HQ, Tp]
     sp = _specs(cfg, tp, d, n_sel)
@@ -133,27 +141,25 @@ def _backward(cfg: BlockSparseConfig, res, do, dlse):
         out_specs=sp["tile"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="nsa_block_sparse_dq",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, idx, do, lse, delta)
     entries, offsets = inverted_index(idx, nb)  # [B, HKV, NQB * S], [B, HKV, NB + 1]
-    head_rows = pl.BlockSpec((None, tp, None, d), lambda i, h, j: (i, 0, h, 0))
-    head_scalars = pl.BlockSpec((None, None, tp), lambda i, h, j: (i, h, 0))
-    block = pl.BlockSpec((None, bs, None, d), lambda i, h, j: (i, j, h // g, 0))
-    per_head = pl.BlockSpec((None, bs, None, d), lambda i, h, j: (i, j, h, 0))
+    rows = pl.BlockSpec((None, tp, hq, d), lambda i, h, j: (i, 0, 0, 0))
+    scalars = pl.BlockSpec((None, hq, tp), lambda i, h, j: (i, 0, 0))
+    block = pl.BlockSpec((None, bs, None, d), lambda i, h, j: (i, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, n_sel=n_sel),
-        grid=(b, hq, nb),
-        in_specs=[head_rows, block, block,
-                  pl.BlockSpec((None, None, nb * n_sel), lambda i, h, j: (i, h // g, 0)),
-                  pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h // g, 0)),
-                  head_rows, head_scalars, head_scalars],
-        out_specs=[per_head, per_head],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2,
+        grid=(b, hkv, nb),
+        in_specs=[rows, block, block,
+                  pl.BlockSpec((None, None, nb * n_sel), lambda i, h, j: (i, h, 0)),
+                  pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)),
+                  rows, scalars, scalars],
+        out_specs=[block, block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         name="nsa_block_sparse_dkv",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, entries, offsets, do, lse, delta)
-    per_kv = lambda x: x.reshape(b, tp, hkv, g, d).sum(3)
-    return dq, per_kv(dk).astype(k.dtype), per_kv(dv).astype(v.dtype)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
