@@ -39,8 +39,8 @@ flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, forward and "
-                  "forward+backward")
+flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, "
+                  "forward and forward+backward")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
                   "num_warps:num_stages, forward and forward+backward; in mode native the first also its "
                   "inverted index, forward kernels and backward alone")

@@ -5,27 +5,27 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import layout as layouts
-from pallas_kernels.backend import kernel_platform
+from pallas_kernels.backend import kernel_platform, kernel_target
 from pallas_kernels.reference import nsa_reference
 from pallas_kernels.segments import validate_segments
 
 IMPLS = ("auto", "reference", "pallas")
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" is "pallas" on GPU and "reference" elsewhere: on CPU, and on TPU, where the kernels do not lower
-    (Mosaic rejects their [B, T, H, D] blocks, which squeeze the head axis, and the selection / top-k row
-    gathers)."""
+def resolve_impl(impl: str, selection: str = "token") -> str:
+    """"auto" is "pallas" on GPU (Triton) and, for selection "query_block", on TPU (Mosaic); "reference"
+    otherwise (CPU, and per-token selection on TPU, whose row gathers Mosaic does not lower)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    platform = kernel_platform()
+    target = kernel_target()
+    tpu_ok = selection == "query_block"
     if impl == "auto":
-        return "pallas" if platform == "gpu" else "reference"
-    if impl == "pallas" and platform == "tpu":
+        return "pallas" if kernel_platform() == "gpu" or (target == "tpu" and tpu_ok) else "reference"
+    if impl == "pallas" and target == "tpu" and not tpu_ok:
         raise NotImplementedError(
-            "impl='pallas' has no TPU (Mosaic) lowering yet: Mosaic rejects the kernels' blocks (the head axis "
-            "squeezed as the second-minor block dimension) and the selection / top-k row gathers. Use "
-            "impl='reference' (pure jnp, dense masks: O(T^2) memory) on TPU.")
+            "impl='pallas' on TPU (Mosaic) needs selection='query_block': per-token selection gathers rows, which "
+            "Mosaic does not lower. Use selection='query_block', or impl='reference' (pure jnp, dense masks: "
+            "O(T^2) memory).")
     return impl
 
 
@@ -46,10 +46,12 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
     selection: "token" (each query its own top-k, the paper's) or "query_block" (SPEC §4's opt-in: one set per
       block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" and
-      head_layout "gqa" only); its kernel is block-sparse flash attention (`block_sparse.py`).
+      head_layout "gqa" only); its kernel is block-sparse flash attention (`block_sparse.py` on GPU,
+      `tpu_attention.py` on TPU).
     Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
-    impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, interpret mode on CPU; no
-      TPU lowering yet) or "auto" (pallas on GPU, reference on CPU and TPU).
+    impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU for selection
+      "query_block" only, interpret mode on CPU) or "auto" (pallas on GPU and, for "query_block", on TPU;
+      reference otherwise).
     """
     b, t, hq, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
@@ -74,8 +76,12 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     kwargs = dict(block_size=block_size, block_count=block_count, window_size=window_size,
                   segment_ids=segment_ids, causal_compression=causal_compression, tie_break=tie_break,
                   selection=selection, scale=scale)
-    if resolve_impl(impl) == "reference":
+    if resolve_impl(impl, selection) == "reference":
         return nsa_reference(q, k, v, g_cmp, g_slc, g_swa, head_layout_kind=layout.kind, **kwargs)
+    if kernel_target() == "tpu":
+        from pallas_kernels.nsa_tpu import nsa_tpu
+        del kwargs["tie_break"], kwargs["selection"]  # "recent", "query_block": checked above
+        return nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
     from pallas_kernels.nsa_pallas import nsa_pallas
     return nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
 

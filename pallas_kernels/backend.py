@@ -43,8 +43,20 @@ def kernel_platform() -> str:
     return "gpu" if p in ("gpu", "cuda", "rocm") else p
 
 
-def call_options(num_warps: int = 4, num_stages: int = 2) -> dict:
-    """Keyword arguments of `pl.pallas_call` for the default backend."""
+def kernel_target() -> str:
+    """Which kernels run: "tpu" (Mosaic's, on a TPU or under the TPU interpreter `pltpu.InterpretParams`) or
+    "triton" (Triton's, on GPU or under the generic interpreter)."""
+    params = _INTERPRET.get()
+    if params is not None:
+        from jax.experimental.pallas import tpu as pltpu
+        return "tpu" if isinstance(params, pltpu.InterpretParams) else "triton"
+    return "tpu" if kernel_platform() == "tpu" else "triton"
+
+
+def call_options(num_warps: int = 4, num_stages: int = 2, dimension_semantics: tuple[str, ...] | None = None
+                 ) -> dict:
+    """Keyword arguments of `pl.pallas_call` for the default backend: Triton's warps and stages on GPU, Mosaic's
+    grid dimension semantics ("parallel" / "arbitrary") on TPU."""
     platform = kernel_platform()
     if platform == "interpret":
         return dict(interpret=_INTERPRET.get())
@@ -52,7 +64,8 @@ def call_options(num_warps: int = 4, num_stages: int = 2) -> dict:
         from jax.experimental.pallas import triton as plgpu
         return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     if platform == "tpu":
-        return {}
+        from jax.experimental.pallas import tpu as pltpu
+        return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=dimension_semantics))
     return dict(interpret=True)
 
 

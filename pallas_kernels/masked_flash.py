@@ -40,15 +40,20 @@ class MaskedFlashConfig:
     block_k: int = 64
 
 
-def _mask(cfg: MaskedFlashConfig, rows, cols, lo, hi):
-    """rows [BQ, 1] query positions, cols [1, BK] key indices, lo / hi [BQ, 1] segment bounds."""
-    if cfg.kind == "window":
-        return (cols <= rows) & (cols > rows - cfg.window) & (cols >= lo)
-    start = cols * cfg.block_size
-    end = start + cfg.block_size - 1
-    if cfg.kind == "cmp_causal":
+def structured_mask(kind: str, rows, cols, lo, hi, *, block_size: int = 1, window: int = 0):
+    """Visibility of key `cols` [1, BK] (key indices) to query positions `rows` [BQ, 1] with segment bounds lo /
+    hi [BQ, 1], for a kind of MASK_KINDS (see `MaskedFlashConfig`)."""
+    if kind == "window":
+        return (cols <= rows) & (cols > rows - window) & (cols >= lo)
+    start = cols * block_size
+    end = start + block_size - 1
+    if kind == "cmp_causal":
         return (end <= rows) & (start >= lo)
     return (rows <= end) & (start < hi) & (start >= lo)
+
+
+def _mask(cfg: MaskedFlashConfig, rows, cols, lo, hi):
+    return structured_mask(cfg.kind, rows, cols, lo, hi, block_size=cfg.block_size, window=cfg.window)
 
 
 def _key_tiles(cfg: MaskedFlashConfig, q0, lo_first, hi_last, num_k_tiles: int):

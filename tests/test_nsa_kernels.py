@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import nsa_attention
-from pallas_kernels.backend import interpret_with, lowering_for
+from pallas_kernels.backend import lowering_for
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
@@ -165,36 +165,6 @@ def test_fused_topk_matches_oracle_selection(name):
     assert width == 1 << (count - 1).bit_length()
     want = np.pad(np.asarray(want), [(0, 0)] * 3 + [(0, width - want.shape[-1])], constant_values=-1)
     np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))
-
-
-def test_mosaic_interpret_masked_flash():
-    """The window kernel under the TPU (Mosaic) interpreter, when this jax has one."""
-    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
-    if not hasattr(pltpu, "InterpretParams"):
-        pytest.skip("no TPU interpret mode in this jax")
-    b, t, hq, hkv, d = 1, 32, 2, 1, 16
-    (q, k, v, *_), _ = _inputs(3, b, t, hq, hkv, d, jnp.float32)
-    lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
-    cfg = MaskedFlashConfig("window", hq, hq, hq, d ** -0.5, window=8, block_q=16, block_k=16)
-    with interpret_with(pltpu.InterpretParams()):
-        o, _ = masked_flash(cfg, q, k, v, lo, hi)
-    atol = 2e-6 if jax.default_backend() == "cpu" else 2e-2  # the oracle runs in tf32 on GPU
-    np.testing.assert_allclose(o, window_attention(q, k, v, window_size=8), atol=atol)
-
-
-def test_impl_choice_per_platform():
-    """auto takes the kernels on GPU only; pallas on TPU is refused with the reason (Mosaic rejects the
-    selection and top-k kernels' row gathers: "Advanced indexers are not supported on TPU" in its
-    interpreter) instead of failing inside the lowering."""
-    from pallas_kernels.api import resolve_impl
-    with lowering_for("gpu"):
-        assert resolve_impl("auto") == "pallas"
-    with lowering_for("tpu"):
-        assert resolve_impl("auto") == "reference"
-        with pytest.raises(NotImplementedError, match="TPU"):
-            resolve_impl("pallas")
-    with lowering_for("cpu"):
-        assert (resolve_impl("auto"), resolve_impl("pallas")) == ("reference", "pallas")
 
 
 @pytest.mark.parametrize("mode", ["native", "videonsa", "query_block"])
