@@ -17,19 +17,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import call_options, dot, probs_from_lse, softmax_init, softmax_result, softmax_step
+from pallas_kernels.block_sparse_mgpu import block_sparse_forward_mgpu, supported
 from pallas_kernels.selection import inverted_index
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparseConfig:
     """block_size (query and key block), scale, group_size (query heads per KV head); Triton's num_warps and
-    num_stages."""
+    num_stages; forward: "triton" (Pallas' Triton lowering, or the interpreter) or "mosaic_gpu" (the Hopper
+    wgmma kernel of `block_sparse_mgpu.py`, GPU only; the backward stays Triton's)."""
 
     block_size: int
     scale: float
     group_size: int
     num_warps: int = 4
     num_stages: int = 2
+    forward: str = "triton"
 
 
 def _scores(cfg: BlockSparseConfig, q, k_ref, blk, rows):
@@ -115,6 +118,11 @@ def _specs(cfg: BlockSparseConfig, tp: int, d: int, n_sel: int):
 def _forward(cfg: BlockSparseConfig, q, k, v, idx):
     b, tp, hq, d = q.shape
     n_sel = idx.shape[-1]
+    if cfg.forward == "mosaic_gpu":
+        if not supported(cfg.block_size, d, q.dtype):
+            raise ValueError(f"the Mosaic GPU forward needs block_size 64, head_dim % 64 == 0 and bf16 / f16, got "
+                             f"{cfg.block_size}, {d}, {q.dtype}")
+        return block_sparse_forward_mgpu(q, k, v, idx, scale=cfg.scale, group_size=cfg.group_size)
     sp = _specs(cfg, tp, d, n_sel)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, n_sel=n_sel),
