@@ -196,17 +196,24 @@ def _breakdown(t: int) -> dict:
             else:
                 warps, stages = (int(x) for x in spec.split(":"))
                 cfg = BlockSparseConfig(bs, scale, layout.group_size, num_warps=warps, num_stages=stages)
-            bsa = lambda *a, cfg=cfg: block_sparse_attention(cfg, *a)
-            try:
-                times[f"selection[{spec}]"] = _time_jax(jax.jit(bsa), q, k, v, idx)
-                times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(bsa, q, k, v, idx)
-            except Exception as e:  # noqa: BLE001 - a setting that does not fit the device is reported, not fatal
-                times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+            _time_selection(times, spec, lambda *a, cfg=cfg: block_sparse_attention(cfg, *a), fwd_bwd, q, k, v, idx)
     else:
         rows = np.asarray(_group_rows(layout))
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
         times.update(_token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd))
     return times
+
+
+def _time_selection(times: dict, spec: str, f, fwd_bwd, *args) -> bool:
+    """Adds the forward and forward+backward times of selection setting `spec` to `times`; a setting that does
+    not fit the device is reported there, not fatal (False)."""
+    try:
+        times[f"selection[{spec}]"] = _time_jax(jax.jit(f), *args)
+        times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(f, *args)
+    except Exception as e:  # noqa: BLE001
+        times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return False
+    return True
 
 
 def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
@@ -220,12 +227,8 @@ def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
     for n, spec in enumerate(FLAGS.selection_configs):
         warps, stages = (int(x) for x in spec.split(":"))
         cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
-        slc = lambda *a, cfg=cfg: selection_attention(cfg, *a)
-        try:
-            times[f"selection[{spec}]"] = _time_jax(jax.jit(slc), q_rows, k, v, idx)
-            times[f"selection_fwd_bwd[{spec}]"] = fwd_bwd(slc, q_rows, k, v, idx)
-        except Exception as e:  # noqa: BLE001 - a setting that does not fit the device is reported, not fatal
-            times[f"selection[{spec}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if not _time_selection(times, spec, lambda *a, cfg=cfg: selection_attention(cfg, *a), fwd_bwd, q_rows, k,
+                               v, idx):
             continue
         if n == 0:
             res = jax.jit(lambda *a, cfg=cfg: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)

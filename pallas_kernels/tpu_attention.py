@@ -84,11 +84,15 @@ def _probs(s, lse):
     return jnp.where(ok, jnp.exp(s - jnp.where(lse > -jnp.inf, lse, 0.0)), 0.0)
 
 
+def _list_slot(cfg: TiledConfig, lists_ref):
+    """(query tile, list slot, last slot, key tile or -1) of a program of the grid (B, HQ, query tile, slot)."""
+    b, h, qt, s = (pl.program_id(i) for i in range(4))
+    return qt, s, pl.num_programs(3) - 1, lists_ref[b, h // cfg.group_size, qt, s]
+
+
 def _fwd_kernel(lists_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
                 cfg: TiledConfig):
-    b, h, qt, s = (pl.program_id(i) for i in range(4))
-    last = pl.num_programs(3) - 1
-    kt = lists_ref[b, h // cfg.group_size, qt, s]
+    qt, s, last, kt = _list_slot(cfg, lists_ref)
 
     @pl.when(s == 0)
     def _init():
@@ -118,9 +122,7 @@ def _fwd_kernel(lists_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, 
 
 def _dq_kernel(lists_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
                cfg: TiledConfig):
-    b, h, qt, s = (pl.program_id(i) for i in range(4))
-    last = pl.num_programs(3) - 1
-    kt = lists_ref[b, h // cfg.group_size, qt, s]
+    qt, s, last, kt = _list_slot(cfg, lists_ref)
 
     @pl.when(s == 0)
     def _init():
