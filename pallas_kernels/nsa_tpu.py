@@ -1,8 +1,8 @@
 """NSA through the Mosaic (TPU) kernels of `tpu_attention.py`, for `selection="query_block"` (head layout
 "gqa", tie_break "recent"): compression and window as tiled flash attention over static key-tile lists,
-selection as block-sparse flash attention over each query block's chosen blocks, all head-major. The top-k
-(importance summed per query block, then the "recent" rule) runs in XLA over chunks of query blocks; the
-gated sum in jnp. Per-token selection needs row gathers, which Mosaic does not lower."""
+selection as block-sparse flash attention over each query block's chosen blocks, all head-major; the top-k
+by `tpu_topk.py` (importance summed per query block in a kernel, the "recent" rule in XLA); the gated sum in
+jnp. Per-token selection needs row gathers, which Mosaic does not lower."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.reference import mean_pool
 from pallas_kernels.segments import segment_bounds
-from pallas_kernels.topk_rules import recent_topk
 from pallas_kernels.tpu_attention import TiledConfig, static_lists, tiled_attention
+from pallas_kernels.tpu_topk import query_block_topk_tpu
 
 _TILE = 128  # rows per query tile and keys per key tile of compression and window
 
@@ -30,35 +30,6 @@ def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def query_block_topk(q, kc32, lse, lo, *, t: int, group_size: int, block_size: int, block_count: int,
-                     scale: float, chunk: int = 8) -> jax.Array:
-    """Chosen blocks [B, HKV, NQB, block_count] of each query block, by importance summed over its tokens and
-    query heads. q [B, HQ, Tp, D]; kc32 [B, HKV, NB, D] float32 block means; lse [B, HQ, Tp] of the
-    compression branch; lo [B, Tp] segment starts. `chunk` query blocks at a time (lax.map)."""
-    b, hq, tp, d = q.shape
-    hkv, nb, bs = kc32.shape[1], kc32.shape[2], block_size
-    nqb = tp // bs
-    n_chunks = -(-nqb // chunk)
-    rows = n_chunks * chunk * bs
-    real = jnp.arange(rows) < t
-    qs = _pad(q, 2, rows).reshape(b, hkv, group_size, n_chunks, chunk * bs, d).transpose(3, 0, 1, 2, 4, 5)
-    lses = _pad(lse, 2, rows, -jnp.inf).reshape(b, hkv, group_size, n_chunks, chunk * bs).transpose(3, 0, 1, 2, 4)
-    real = real.reshape(n_chunks, 1, 1, 1, chunk * bs)
-
-    def one(args):
-        qc, lc, rc = args  # [B, HKV, G, R, D], [B, HKV, G, R], [1, 1, 1, R]
-        s = jnp.einsum("bhgrd,bhnd->bhgrn", qc.astype(jnp.float32), kc32) * scale
-        ok = (rc & (lc > -jnp.inf))[..., None]
-        p = jnp.where(ok, jnp.exp(s - jnp.where(ok, lc[..., None], 0.0)), 0.0)
-        return p.sum(2).reshape(b, hkv, chunk, bs, nb).sum(3)  # [B, HKV, chunk, NB]
-
-    imp = jax.lax.map(one, (qs, lses, real)).transpose(1, 2, 0, 3, 4).reshape(b, hkv, n_chunks * chunk, nb)
-    imp = imp[:, :, :nqb]
-    cur = jnp.broadcast_to(jnp.arange(nqb)[None, None], (b, hkv, nqb))
-    first = jnp.broadcast_to((lo[:, ::bs] // bs)[:, None], (b, hkv, nqb))
-    return recent_topk(imp, cur, first, block_count=block_count)
-
-
 def nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
             window_size: int, segment_ids, causal_compression: bool, scale):
     b, t, hq, d = q.shape
@@ -69,7 +40,7 @@ def nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int
     else:
         lo, hi = segment_bounds(segment_ids)
     tile = max(bs, _pow2_tile(t))
-    step = math.lcm(tile, bs)
+    step = math.lcm(tile, bs if t <= 8 * bs else 8 * bs)  # query blocks: at most 8 or a multiple of 8
     tp = -(-t // step) * step
     # Padded tokens form their own segment [t, tp): they never meet real tokens.
     lop, hip = _pad(lo, 1, tp, t), _pad(hi, 1, tp, tp)
@@ -92,8 +63,8 @@ def nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int
     swa_cfg = TiledConfig("window", tile, tile, scale, g, window=window_size)
     o_swa, _ = tiled_attention(swa_cfg, static(swa_cfg, tp), qh, kh, vh, rows(lop), rows(hip))
 
-    idx = query_block_topk(jax.lax.stop_gradient(qh), jax.lax.stop_gradient(kc32), jax.lax.stop_gradient(lse[..., 0]),
-                           lop, t=t, group_size=g, block_size=bs, block_count=block_count, scale=scale)
+    idx = query_block_topk_tpu(*(jax.lax.stop_gradient(x) for x in (qh, _pad(kc32, 2, nbp), lse)), lop, t=t,
+                               group_size=g, block_size=bs, block_count=block_count, scale=scale)
     slc_cfg = TiledConfig("selection", bs, bs, scale, g)
     o_slc, _ = tiled_attention(slc_cfg, idx, qh, kh, vh, rows(lop), rows(hip))
 

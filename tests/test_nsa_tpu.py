@@ -11,9 +11,11 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import nsa_attention
 from pallas_kernels.api import resolve_impl
 from pallas_kernels.backend import interpret_with, lowering_for
-from pallas_kernels.reference import compression_attention, mean_pool, window_attention
+from pallas_kernels.reference import (block_importance, compression_attention, mean_pool, query_block_importance,
+                                      select_blocks, window_attention)
 from pallas_kernels.segments import segment_bounds
 from pallas_kernels.tpu_attention import TiledConfig, static_lists, tiled_attention
+from pallas_kernels.tpu_topk import query_block_topk_tpu
 
 
 def _rel(a, b):
@@ -67,6 +69,29 @@ def test_branch_kernel_matches_oracle_over_tiles(kind):
         assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("zero_queries", [False, True])
+def test_query_block_topk_kernel_matches_oracle_selection(zero_queries):
+    """The Mosaic importance kernel + "recent" rule choose the oracle's set for every query block: 20 tiles of
+    8 query blocks, 2 key tiles of 128 blocks, G = 3, two segments, ragged T; zero queries make every score
+    tie (the rule's order decides)."""
+    b, t, hq, hkv, d, bs, count, tp = 1, 600, 6, 2, 16, 4, 5, 640
+    q, k, _, _ = _qkv(7, b, t, hq, hkv, d)
+    q = jnp.zeros_like(q) if zero_queries else q
+    seg = jnp.asarray([[0] * 256 + [1] * 344], jnp.int32)
+    _, lse = compression_attention(q, k, k, block_size=bs, causal=True, segment_ids=seg)  # lse [B, T, HQ]
+    imp = query_block_importance(block_importance(q, k, lse, block_size=bs, segment_ids=seg), bs)
+    want = np.asarray(select_blocks(imp, block_size=bs, block_count=count, tie_break="recent", group_size=hq // hkv,
+                                    segment_ids=seg))[:, ::bs].transpose(0, 2, 1, 3)  # [B, HKV, NQB, S]
+    pad_t = lambda x, value: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    kc = jnp.pad(mean_pool(k, bs), ((0, 0), (0, 256 - t // bs), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    lo, _ = segment_bounds(seg)
+    with interpret_with(pltpu.InterpretParams()):
+        got = query_block_topk_tpu(pad_t(q, 0.0).transpose(0, 2, 1, 3), kc,
+                                   pad_t(lse, -jnp.inf).transpose(0, 2, 1)[..., None], pad_t(lo, t), t=t,
+                                   group_size=hq // hkv, block_size=bs, block_count=count, scale=d ** -0.5)
+    np.testing.assert_array_equal(np.sort(np.asarray(got)[:, :, :t // bs], -1), np.sort(want, -1))
+
+
 CASES = {  # name: (dtype, t, hq, hkv, d, block_size, block_count, window, causal compression, segment lengths)
     "g2_f32_ragged_packed": (jnp.float32, 90, 4, 2, 16, 16, 2, 20, True, (32, 58)),
     "g7_bf16": (jnp.bfloat16, 80, 7, 1, 16, 16, 3, 24, True, None),
@@ -97,7 +122,7 @@ def test_nsa_query_block_on_mosaic_matches_oracle(name):
 
 def test_nsa_query_block_lowers_for_tpu():
     """Forward + backward lower to Mosaic for an abstract TPU on CPU: compression, window and selection, each
-    forward, dq and dk/dv (9 kernels). (Compiling the Mosaic IR needs the TPU.)"""
+    forward, dq and dk/dv, and the top-k importance (10 kernels). (Compiling the Mosaic IR needs the TPU.)"""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     b, t, hq, hkv, d = 1, 1000, 28, 4, 128
@@ -107,7 +132,7 @@ def test_nsa_query_block_lowers_for_tpu():
     tpu = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     with lowering_for("tpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=tpu)):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-    assert text.count("tpu_custom_call") == 9
+    assert text.count("tpu_custom_call") == 10
 
 
 def test_impl_choice_per_platform():
