@@ -51,9 +51,8 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
     qp, kc32, lse = (jax.lax.stop_gradient(x) for x in (qp, kc32, lse))
     width = _next_pow2(block_count)
     if selection == "query_block":
-        idx = select_blocks_query_block(qp, kc32, lse, lop, layout=layout, t=t, block_size=block_size,
-                                        block_count=block_count, scale=scale)
-        return _pad_to(idx, 3, width, -1)
+        return select_blocks_query_block(qp, kc32, lse, lop, layout=layout, t=t, block_size=block_size,
+                                         block_count=block_count, scale=scale)
     if tie_break == "recent":
         return select_blocks_fused(qp, kc32, lse, lop, hip, layout=layout, block_size=block_size,
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
