@@ -42,7 +42,7 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, "
                   "forward and forward+backward")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
-                  "num_warps:num_stages (or, in mode query_block, mosaic_gpu: the Hopper forward), forward and "
+                  "num_warps:num_stages (or, in mode query_block, mosaic_gpu: the Hopper kernels), forward and "
                   "forward+backward; in mode native the first also its inverted index, forward kernels and "
                   "backward alone")
 
@@ -192,7 +192,7 @@ def _breakdown(t: int) -> dict:
     if selection == "query_block":
         for spec in FLAGS.selection_configs:
             if spec == "mosaic_gpu":
-                cfg = BlockSparseConfig(bs, scale, layout.group_size, forward="mosaic_gpu")
+                cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering="mosaic_gpu")
             else:
                 warps, stages = (int(x) for x in spec.split(":"))
                 cfg = BlockSparseConfig(bs, scale, layout.group_size, num_warps=warps, num_stages=stages)

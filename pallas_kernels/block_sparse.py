@@ -17,22 +17,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import call_options, dot, probs_from_lse, softmax_init, softmax_result, softmax_step
-from pallas_kernels.block_sparse_mgpu import block_sparse_forward_mgpu, supported
+from pallas_kernels.block_sparse_mgpu import (block_sparse_dkv_mgpu, block_sparse_dq_mgpu, block_sparse_forward_mgpu,
+                                              supported)
 from pallas_kernels.selection import inverted_index
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSparseConfig:
     """block_size (query and key block), scale, group_size (query heads per KV head); Triton's num_warps and
-    num_stages; forward: "triton" (Pallas' Triton lowering, or the interpreter) or "mosaic_gpu" (the Hopper
-    wgmma kernel of `block_sparse_mgpu.py`, GPU only; the backward stays Triton's)."""
+    num_stages; lowering: "triton" (Pallas' Triton lowering, or the interpreter) or "mosaic_gpu" (the Hopper
+    wgmma kernels of `block_sparse_mgpu.py`: forward, dq, dk / dv; GPU only)."""
 
     block_size: int
     scale: float
     group_size: int
     num_warps: int = 4
     num_stages: int = 2
-    forward: str = "triton"
+    lowering: str = "triton"
 
 
 def _scores(cfg: BlockSparseConfig, q, k_ref, blk, rows):
@@ -118,9 +119,9 @@ def _specs(cfg: BlockSparseConfig, tp: int, d: int, n_sel: int):
 def _forward(cfg: BlockSparseConfig, q, k, v, idx):
     b, tp, hq, d = q.shape
     n_sel = idx.shape[-1]
-    if cfg.forward == "mosaic_gpu":
+    if cfg.lowering == "mosaic_gpu":
         if not supported(cfg.block_size, d, q.dtype):
-            raise ValueError(f"the Mosaic GPU forward needs block_size 64, head_dim % 64 == 0 and bf16 / f16, got "
+            raise ValueError(f"the Mosaic GPU kernels need block_size 64, head_dim % 64 == 0 and bf16 / f16, got "
                              f"{cfg.block_size}, {d}, {q.dtype}")
         return block_sparse_forward_mgpu(q, k, v, idx, scale=cfg.scale, group_size=cfg.group_size)
     sp = _specs(cfg, tp, d, n_sel)
@@ -141,6 +142,12 @@ def _backward(cfg: BlockSparseConfig, res, do, dlse):
     hkv, n_sel, bs = k.shape[2], idx.shape[-1], cfg.block_size
     nb = tp // bs
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1).transpose(0, 2, 1) - dlse  # [B, HQ, Tp]
+    entries, offsets = inverted_index(idx, nb)  # [B, HKV, NQB * S], [B, HKV, NB + 1]
+    if cfg.lowering == "mosaic_gpu":
+        heads = dict(scale=cfg.scale, group_size=cfg.group_size)
+        dq = block_sparse_dq_mgpu(q, k, v, idx, do, lse, delta, **heads)
+        dk, dv = block_sparse_dkv_mgpu(q, k, v, entries, offsets, do, lse, delta, n_sel=n_sel, **heads)
+        return dq, dk, dv
     sp = _specs(cfg, tp, d, n_sel)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, n_sel=n_sel),
@@ -151,7 +158,6 @@ def _backward(cfg: BlockSparseConfig, res, do, dlse):
         name="nsa_block_sparse_dq",
         **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, idx, do, lse, delta)
-    entries, offsets = inverted_index(idx, nb)  # [B, HKV, NQB * S], [B, HKV, NB + 1]
     rows = pl.BlockSpec((None, tp, hq, d), lambda i, h, j: (i, 0, 0, 0))
     scalars = pl.BlockSpec((None, hq, tp), lambda i, h, j: (i, 0, 0))
     block = pl.BlockSpec((None, bs, None, d), lambda i, h, j: (i, j, h, 0))

@@ -1,12 +1,13 @@
-"""Forward of the query-block selection (`block_sparse.py`) as a Mosaic GPU kernel for Hopper: wgmma from
-shared memory, TMA copies, warp specialisation (FlashAttention-3's scheme, after jax's
-`pallas/ops/gpu/attention_mgpu.py`).
+"""The query-block selection (`block_sparse.py`) as Mosaic GPU kernels for Hopper: wgmma from shared memory,
+TMA copies, warp specialisation (FlashAttention-3's scheme, after jax's `pallas/ops/gpu/attention_mgpu.py`).
 
-One CTA per (query block, pair of query heads of one KV head, batch row). The pair shares the query block's
-chosen KV blocks, so one memory warpgroup streams each chosen K / V block once (TMA, `_STAGES` buffers) to two
-compute warpgroups, one per head, which take turns on the tensor cores (a two-party barrier) so that one's
-softmax overlaps the other's matrix products. An odd group's last pair computes its head twice and stores it
-once. Needs block_size 64, head_dim a multiple of 64, bf16 or f16. The backward stays the Triton kernels'.
+Forward and dq: one CTA per (query block, pair of query heads of one KV head, batch row). The pair shares the
+query block's chosen KV blocks, so one memory warpgroup streams each chosen K / V block once (TMA, `_STAGES`
+buffers) to two compute warpgroups, one per head; in the forward they take turns on the tensor cores (a
+two-party barrier) so that one's softmax overlaps the other's matrix products. An odd group's last pair
+computes its head twice and stores it once. dk / dv: one CTA per (KV block, KV head, batch row) over the
+query blocks that chose it and the group's heads. Needs block_size 64, head_dim a multiple of 64, bf16 or
+f16.
 """
 
 from __future__ import annotations
@@ -162,3 +163,219 @@ def block_sparse_forward_mgpu(q, k, v, idx, *, scale: float, group_size: int):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, idx)
+
+
+def block_sparse_dq_mgpu(q, k, v, idx, do, lse, delta, *, scale: float, group_size: int):
+    """dq [B, Tp, HQ, D] in q's dtype. lse, delta [B, HQ, Tp] float32 (natural log; delta = rowsum(o * do)
+    minus the lse cotangent); the rest as `block_sparse_forward_mgpu`. One CTA per (query block, head pair,
+    batch row) as in the forward; a warp-specialised pipeline streams the chosen K / V blocks (an empty slot
+    re-reads the query block's own block and is masked out)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, tp, hq, d = q.shape
+    hkv, n_sel, bs, g = k.shape[2], idx.shape[-1], 64, group_size
+    pairs = -(-g // 2)
+    dtype = q.dtype
+    scale_log2 = scale * _LOG2E
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready):
+        bi, c, pair, wg = (lax.axis_index(a) for a in ("batch", "q_blk", "pair", "wg"))
+        kvh = pair // pairs
+        q_smem2, do_smem2, lse_smem2, delta_smem2 = smem
+        rows = pl.ds(c * bs, bs)
+
+        def compute(pipeline):
+            slot_in_group = (pair % pairs) * 2 + wg
+            head = kvh * g + jnp.minimum(slot_in_group, g - 1)
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            for src, dst, bar in ((q_ref.at[bi, rows, head], q_smem, ready[0]),
+                                  (do_ref.at[bi, rows, head], do_smem, ready[1]),
+                                  (lse_ref.at[bi, head, rows], lse_smem2.at[wg], ready[2]),
+                                  (delta_ref.at[bi, head, rows], delta_smem2.at[wg], ready[3])):
+                plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+            for bar in ready:
+                plgpu.barrier_wait(bar.at[wg])
+            lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * _LOG2E
+            dlt = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bs, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+            acc, _, _ = pipeline((acc, lse2, dlt))
+            q_smem[...] = (acc * scale).astype(dtype)
+            plgpu.commit_smem()
+
+            @pl.when(slot_in_group < g)
+            def _store():
+                plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, head])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, k_smem, v_smem, k_free, v_free, carry):
+            acc, lse2, dlt = carry
+            i = indices[0]
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((bs, bs), jnp.float32))
+            blk = idx_ref[bi, c, kvh, i]
+            r = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 0, layout=plgpu.Layout.WGMMA) + c * bs
+            col = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA) + blk * bs
+            s = jnp.where((blk >= 0) & (col <= r), s * scale_log2, -jnp.inf)
+            p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
+
+            def dprobs(acc_ref):
+                plgpu.wgmma(acc_ref, do_smem, v_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            dp = pl.run_scoped(dprobs, plgpu.ACC((bs, bs), jnp.float32))
+            plgpu.barrier_arrive(v_free)
+            ds = p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))
+
+            def accumulate(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem)
+
+            acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(k_free)
+            return acc, lse2, dlt
+
+        def chosen(i):
+            blk = idx_ref[bi, c, kvh, i]
+            return jnp.where(blk >= 0, blk, c), 0
+
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(n_sel,), max_concurrent_steps=min(_STAGES, n_sel), num_compute_wgs=2,
+            memory_registers=40, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute,
+            in_specs=[plgpu.BlockSpec((bs, d), chosen, transforms=tiled)] * 2)
+        pipeline(k_ref.at[bi, :, kvh, :], v_ref.at[bi, :, kvh, :])
+
+    tile = plgpu.SMEM((2, bs, d), dtype, transforms=tiled)
+    rows_f32 = plgpu.SMEM((2, bs), jnp.float32)
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=[(tile, tile, rows_f32, rows_f32), (plgpu.Barrier(num_barriers=2),) * 4],
+        grid=(hkv * pairs, tp // bs, b),
+        grid_names=("pair", "q_blk", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, idx, do, lse, delta)
+
+
+def block_sparse_dkv_mgpu(q, k, v, entries, offsets, do, lse, delta, *, scale: float, group_size: int,
+                          n_sel: int):
+    """(dk, dv) [B, Tp, HKV, D] in k's dtype. One CTA per (KV block, KV head, batch row): a compute
+    warpgroup keeps the block's K / V in shared memory and accumulates over its steps, one per (query block
+    that chose it, query head of the group); a memory warpgroup streams each step's q / do tiles and lse /
+    delta rows. entries [B, HKV, NQB * S] (query block * S + slot, grouped by chosen block), offsets [B, HKV,
+    NB + 1] (`selection.inverted_index`); the rest as `block_sparse_dq_mgpu`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, tp, hq, d = q.shape
+    hkv, bs, g = k.shape[2], 64, group_size
+    dtype = k.dtype
+    scale_log2 = scale * _LOG2E
+    stages = _STAGES
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem,
+               bars):
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+        kv_ready, q_ready, do_ready, lse_ready, delta_ready, step_free = bars
+        bi, j, kvh, wg = (lax.axis_index(a) for a in ("batch", "kv_blk", "kv_head", "wg"))
+        first = offsets_ref[bi, kvh, j]
+        n_steps = (offsets_ref[bi, kvh, j + 1] - first) * g
+        keys = pl.ds(j * bs, bs)
+
+        def query_of(s):
+            """(query block, query head) of step s."""
+            return entries_ref[bi, kvh, first + s // g] // n_sel, kvh * g + lax.rem(s, g)
+
+        @pl.when(wg == 0)
+        def _compute():
+            plgpu.set_max_registers(240, action="increase")
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_smem, kv_ready.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_smem, kv_ready.at[1])
+            plgpu.barrier_wait(kv_ready.at[0])
+            plgpu.barrier_wait(kv_ready.at[1])
+            zeros = plgpu.layout_cast(jnp.full((bs, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step(s, carry):
+                dk, dv = carry
+                slot = lax.rem(s, stages)
+                c, _ = query_of(s)
+                for bar in (q_ready, do_ready, lse_ready, delta_ready):
+                    plgpu.barrier_wait(bar.at[slot])
+
+                def scores_t(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(scores_t, plgpu.ACC((bs, bs), jnp.float32))  # [keys, queries]
+                key = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 0, layout=plgpu.Layout.WGMMA) + j * bs
+                row = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA) + c * bs
+                lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
+                s_t = jnp.where(key <= row, s_t * scale_log2, -jnp.inf)
+                p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+
+                def values_and_dprobs(refs):
+                    dv_ref_, dp_ref_ = refs
+                    plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dp_ref_, v_smem, do_smem.at[slot].transpose((1, 0)))
+
+                blank = plgpu.layout_cast(jnp.full((bs, bs), 0, jnp.float32), plgpu.Layout.WGMMA)
+                dv, dp_t = pl.run_state(values_and_dprobs)((plgpu.ACC.init(dv), plgpu.ACC.init(blank)))
+                dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(dlt, dp_t.shape, [1]))
+
+                def keys_grad(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+                dk = pl.run_state(keys_grad)(plgpu.ACC.init(dk))
+                plgpu.barrier_arrive(step_free.at[slot])
+                return dk, dv
+
+            dk, dv = lax.fori_loop(0, n_steps, step, (zeros, zeros))
+            k_smem[...] = (dk * scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, keys, kvh])
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, keys, kvh])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, n_steps)
+            def _fetch(s):
+                slot = lax.rem(s, stages)
+                c, head = query_of(s)
+                rows = pl.ds(c * bs, bs)
+
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(step_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_smem.at[slot], lse_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, rows], delta_smem.at[slot], delta_ready.at[slot])
+
+    block = plgpu.SMEM((bs, d), dtype, transforms=tiled)
+    staged = plgpu.SMEM((stages, bs, d), dtype, transforms=tiled)
+    staged_rows = plgpu.SMEM((stages, bs), jnp.float32)
+    ready = plgpu.Barrier(num_barriers=stages)
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+        scratch_types=[(block, block, staged, staged, staged_rows, staged_rows),
+                       (plgpu.Barrier(num_barriers=2), ready, ready, ready, ready, ready)],
+        grid=(tp // bs, hkv, b),
+        grid_names=("kv_blk", "kv_head", "batch"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, entries, offsets, do, lse, delta)

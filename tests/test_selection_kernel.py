@@ -100,12 +100,12 @@ _HOPPER = jax.default_backend() == "gpu" and any(n in jax.devices()[0].device_ki
 
 @pytest.mark.skipif(not _HOPPER, reason="the Mosaic GPU kernel runs on Hopper GPUs only (lowering: test below)")
 def test_block_sparse_mosaic_gpu_forward_matches_oracle():
-    """The Hopper (wgmma) forward: output and lse against the oracle, and gradients (Triton backward from its
-    lse) against the oracle's; G = 7 (an odd group: the last head pair computes one head twice), a ragged
-    number of chosen blocks."""
+    """The Hopper (wgmma) kernels: forward output and lse against the oracle and the Triton forward, gradients
+    of q, k, v against the oracle's; G = 7 (an odd group: the last head pair computes one head twice), a
+    ragged number of chosen blocks."""
     q, k, v, w, per_block = _mosaic_inputs(512, 2, 7, 128, 4)
     scale = 128 ** -0.5
-    cfg = BlockSparseConfig(64, scale, 7, forward="mosaic_gpu")
+    cfg = BlockSparseConfig(64, scale, 7, lowering="mosaic_gpu")
     idx = jnp.repeat(per_block, 64, axis=1)
     f32 = lambda x: x.astype(jnp.float32)
     want = lambda q_, k_, v_: ref.selection_attention(f32(q_), f32(k_), f32(v_), idx, block_size=64, scale=scale)
@@ -123,8 +123,8 @@ def test_block_sparse_mosaic_gpu_forward_matches_oracle():
 
 
 def test_block_sparse_mosaic_gpu_lowers_for_h100():
-    """Forward (Mosaic GPU) + backward (Triton dq, dk/dv) lower for an abstract H100 on any machine; compiling
-    the Mosaic GPU IR needs the device (see the test above)."""
+    """Forward, dq and dk/dv (Mosaic GPU) lower for an abstract H100 on any machine; compiling the Mosaic GPU IR
+    needs the device (see the test above)."""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     from pallas_kernels.backend import lowering_for
@@ -132,10 +132,10 @@ def test_block_sparse_mosaic_gpu_lowers_for_h100():
     b, t, hkv, g, d, n_sel = 1, 1024, 4, 7, 128, 32
     args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16) for h in (hkv * g, hkv, hkv)]
     idx = jax.ShapeDtypeStruct((b, t // 64, hkv, n_sel), jnp.int32)
-    cfg = BlockSparseConfig(64, d ** -0.5, g, forward="mosaic_gpu")
+    cfg = BlockSparseConfig(64, d ** -0.5, g, lowering="mosaic_gpu")
     loss = lambda q, k, v, i: block_sparse_attention(cfg, q, k, v, i)[0].astype(jnp.float32).sum()
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args, idx).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    assert text.count("custom_call @mosaic_gpu") == 1 and text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("custom_call @mosaic_gpu") == 3 and "__gpu$xla.gpu.triton" not in text
