@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 
 from pallas_kernels import layout as layouts
@@ -20,6 +22,9 @@ def resolve_impl(impl: str, selection: str = "token") -> str:
     target = kernel_target()
     tpu_ok = selection == "query_block"
     if impl == "auto":
+        if target == "tpu" and not tpu_ok:
+            warnings.warn("nsa_attention on TPU with per-token selection runs the jnp oracle (dense masks, O(T^2) "
+                          "memory); selection='query_block' runs the Mosaic kernels", stacklevel=3)
         return "pallas" if kernel_platform() == "gpu" or (target == "tpu" and tpu_ok) else "reference"
     if impl == "pallas" and target == "tpu" and not tpu_ok:
         raise NotImplementedError(
