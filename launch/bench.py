@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import nsa_attention
+from pallas_kernels.backend import gpu_lowering
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", ["8192", "16384", "32768", "65536", "131072"], "sequence lengths")
@@ -34,6 +35,8 @@ flags.DEFINE_integer("block_count", 32, "NSA selected blocks")
 flags.DEFINE_integer("window_size", 256, "NSA sliding window")
 flags.DEFINE_enum("mode", "native", ["native", "videonsa", "query_block"], "NSA mode of our kernels "
                   "(query_block: mode native with selection='query_block', SPEC §4's opt-in)")
+flags.DEFINE_enum("gpu_lowering", "triton", ["triton", "mosaic_gpu"], "mode query_block: the selection's GPU "
+                  "kernels (mosaic_gpu: Hopper wgmma)")
 flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and / or fwd_bwd")
 flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
@@ -91,7 +94,12 @@ def _nsa_fn():
         kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla")
     elif FLAGS.mode == "query_block":
         kw.update(selection="query_block")
-    return lambda q, k, v, gc, gs, gw: nsa_attention(q, k, v, gc, gs, gw, **kw)
+
+    def nsa(q, k, v, gc, gs, gw):
+        with gpu_lowering(FLAGS.gpu_lowering):
+            return nsa_attention(q, k, v, gc, gs, gw, **kw)
+
+    return nsa
 
 
 def _cudnn_fn():
@@ -274,8 +282,9 @@ def main(argv):
                 with open(FLAGS.out, "w") as f:
                     json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows}, f, indent=1,
                               default=str)
-    print(f"\ndevice: {device}, mode {FLAGS.mode}, B={FLAGS.batch} HQ={FLAGS.heads} HKV={FLAGS.kv_heads} "
-          f"D={FLAGS.head_dim} bs={FLAGS.block_size} S={FLAGS.block_count} W={FLAGS.window_size}, bf16")
+    print(f"\ndevice: {device}, mode {FLAGS.mode} ({FLAGS.gpu_lowering}), B={FLAGS.batch} HQ={FLAGS.heads} "
+          f"HKV={FLAGS.kv_heads} D={FLAGS.head_dim} bs={FLAGS.block_size} S={FLAGS.block_count} "
+          f"W={FLAGS.window_size}, bf16")
     header = "| T | pass | " + " | ".join(f"{m} ms (TFLOP/s)" for m in FLAGS.methods) + " | cudnn/nsa | fla/nsa |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

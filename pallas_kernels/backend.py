@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 _INTERPRET = contextvars.ContextVar("nsa_pallas_interpret", default=None)
 _PLATFORM = contextvars.ContextVar("nsa_pallas_platform", default=None)
+_GPU_LOWERING = contextvars.ContextVar("nsa_pallas_gpu_lowering", default="triton")
 
 
 @contextlib.contextmanager
@@ -32,6 +33,25 @@ def lowering_for(platform: str):
         yield
     finally:
         _PLATFORM.reset(token)
+
+
+@contextlib.contextmanager
+def gpu_lowering(name: str):
+    """Kernels traced inside use `name` ("triton" or "mosaic_gpu": Hopper wgmma kernels, where a kernel has
+    them, today the query-block selection's) on GPU."""
+    if name not in ("triton", "mosaic_gpu"):
+        raise ValueError(f"gpu lowering must be 'triton' or 'mosaic_gpu', got {name!r}")
+    token = _GPU_LOWERING.set(name)
+    try:
+        yield
+    finally:
+        _GPU_LOWERING.reset(token)
+
+
+def gpu_lowering_name() -> str:
+    """The lowering of kernels traced now: `gpu_lowering`'s choice on GPU ("triton" by default); elsewhere
+    "triton" (Pallas' Triton-style kernels, run by the interpreter on CPU)."""
+    return _GPU_LOWERING.get() if kernel_platform() == "gpu" else "triton"
 
 
 def kernel_platform() -> str:

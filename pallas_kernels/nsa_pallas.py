@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.backend import gpu_lowering_name
 from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
@@ -95,8 +96,8 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
                         causal=causal_compression, scale=scale, block_q=bq)
     vrows = np.arange(hv)
     if selection == "query_block":  # gqa layout: virtual heads are the query heads
-        o_slc, _ = block_sparse_attention(BlockSparseConfig(bs, scale, layout.group_size), qp, kp, vp,
-                                          idx)
+        cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering=gpu_lowering_name())
+        o_slc, _ = block_sparse_attention(cfg, qp, kp, vp, idx)
     else:
         rows = _group_rows(layout)  # [HKV, GR]
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],

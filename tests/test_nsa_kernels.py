@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import nsa_attention
-from pallas_kernels.backend import lowering_for
+from pallas_kernels.backend import gpu_lowering, lowering_for
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
@@ -170,23 +170,26 @@ def test_fused_topk_matches_oracle_selection(name):
     np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))
 
 
-@pytest.mark.parametrize("mode", ["native", "videonsa", "query_block"])
+@pytest.mark.parametrize("mode", ["native", "videonsa", "query_block", "query_block_mosaic_gpu"])
 def test_kernels_lower_to_triton_for_h100(mode):
     """Forward + backward lower through Pallas' Triton backend for an abstract H100 (no GPU needed): catches
     what the interpreter accepts and Triton does not (block shapes, primitives). Compiling the Triton IR to
-    PTX still needs the device."""
+    PTX still needs the device. Under `gpu_lowering("mosaic_gpu")` the block-sparse selection's three kernels
+    are Mosaic GPU's instead."""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     b, t, hq, hkv, d = 1, 1000, 28, 4, 128
     args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16) for h in (hq, hkv, hkv)]
     args += [jax.ShapeDtypeStruct((b, t, hq), jnp.bfloat16)] * 3
-    kw = {"videonsa": VIDEONSA, "query_block": QUERY_BLOCK}.get(mode, {})
+    kw = {"videonsa": VIDEONSA, "query_block": QUERY_BLOCK, "query_block_mosaic_gpu": QUERY_BLOCK}.get(mode, {})
     loss = lambda *a: nsa_attention(*a, impl="pallas", **kw).astype(jnp.float32).sum()
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    with lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+    lowering = gpu_lowering("mosaic_gpu" if mode.endswith("mosaic_gpu") else "triton")
+    with lowering, lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # compression, window and selection (per token or block-sparse): fwd, dq, dk/dv each; plus the top-k of
     # the "recent" rule: one fused kernel per token, importance + rule kernels per query block; fla's network
     # runs in jnp
-    kernels = {"native": 10, "videonsa": 9, "query_block": 11}[mode]
+    kernels = {"native": 10, "videonsa": 9, "query_block": 11, "query_block_mosaic_gpu": 8}[mode]
     assert text.count("__gpu$xla.gpu.triton") == kernels, text.count("__gpu$xla.gpu.triton")
+    assert text.count("custom_call @mosaic_gpu") == (3 if mode.endswith("mosaic_gpu") else 0)
