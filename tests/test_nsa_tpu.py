@@ -96,13 +96,14 @@ CASES = {  # name: (dtype, t, hq, hkv, d, block_size, block_count, window, causa
     "g2_f32_ragged_packed": (jnp.float32, 90, 4, 2, 16, 16, 2, 20, True, (32, 58)),
     "g7_bf16": (jnp.bfloat16, 80, 7, 1, 16, 16, 3, 24, True, None),
     "g1_f32_released_mask_many_tiles": (jnp.float32, 300, 2, 2, 16, 16, 3, 40, False, None),
+    "g8_f32_shorter_than_a_block": (jnp.float32, 10, 8, 1, 16, 16, 3, 8, True, None),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_nsa_query_block_on_mosaic_matches_oracle(name):
     """The whole NSA with selection "query_block" through the Mosaic kernels (TPU interpreter): output and the
-    gradients for q, k, v and the three gates."""
+    gradients for q, k, v and the three gates (G 1 / 2 / 7 / 8, f32 / bf16, segments, ragged and tiny T)."""
     dtype, t, hq, hkv, d, bs, count, window, causal, seg_lens = CASES[name]
     q, k, v, w = _qkv(len(name), 1, t, hq, hkv, d, dtype)
     gates = [jax.nn.sigmoid(jax.random.normal(jax.random.key(i), (1, t, hq))).astype(dtype) for i in range(3)]
