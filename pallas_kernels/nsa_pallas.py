@@ -50,7 +50,6 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
     Tp) or, for selection "query_block", of each query block (N = Tp // block_size).
     qp [B, Tp, HQ, D]; kc32 [B, NBp, HKV, D] float32 block means; lse [B, Hv, Tp]; lop, hip [B, Tp]."""
     qp, kc32, lse = (jax.lax.stop_gradient(x) for x in (qp, kc32, lse))
-    width = _next_pow2(block_count)
     if selection == "query_block":
         return select_blocks_query_block(qp, kc32, lse, lop, layout=layout, t=t, block_size=block_size,
                                          block_count=block_count, scale=scale)
@@ -59,7 +58,7 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
     idx = select_blocks_chunked(qp[:, :t], kc32, lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout,
                                 block_size=block_size, block_count=block_count, causal=causal, scale=scale)
-    return _pad_to(_pad_to(idx, 3, width, -1), 1, qp.shape[1], -1)
+    return _pad_to(_pad_to(idx, 3, _next_pow2(block_count), -1), 1, qp.shape[1], -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
