@@ -18,9 +18,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _STAGES = 2  # K / V buffers in flight
 _LOG2E = math.log2(math.e)
+
+
+def _pair_head(pair, wg, group_size: int):
+    """(slot of warpgroup wg's head in its group, that head: the group's last for an odd group's spare slot)
+    for CTA axis `pair` = KV head * pairs + pair within the group."""
+    pairs = -(-group_size // 2)
+    slot_in_group = (pair % pairs) * 2 + wg
+    return slot_in_group, pair // pairs * group_size + jnp.minimum(slot_in_group, group_size - 1)
+
+
+def _positions(first_block, second_block):
+    """WGMMA-layout [64, 64] positions of the rows (of first_block) and columns (of second_block)."""
+    iota = lambda dim, blk: plgpu.broadcasted_iota(jnp.int32, (64, 64), dim, layout=plgpu.Layout.WGMMA) + blk * 64
+    return iota(0, first_block), iota(1, second_block)
 
 
 def supported(block_size: int, head_dim: int, dtype) -> bool:
@@ -33,8 +48,6 @@ def block_sparse_forward_mgpu(q, k, v, idx, *, scale: float, group_size: int):
     """(o [B, Tp, HQ, D], natural-log lse [B, HQ, Tp] float32). q [B, Tp, HQ, D]; k, v [B, Tp, HKV, D]; idx
     [B, Tp // 64, HKV, S] int32 chosen blocks, valid ones first, then -1 (the query block's own block among
     them, so every query block has at least one)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     b, tp, hq, d = q.shape
     hkv, n_sel, bs, g = k.shape[2], idx.shape[-1], 64, group_size
     pairs = -(-g // 2)
@@ -57,8 +70,7 @@ def block_sparse_forward_mgpu(q, k, v, idx, *, scale: float, group_size: int):
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            slot_in_group = (pair % pairs) * 2 + wg
-            head = kvh * g + jnp.minimum(slot_in_group, g - 1)
+            slot_in_group, head = _pair_head(pair, wg, g)
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
             rows = pl.ds(c * bs, bs)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], qo_smem, q_ready.at[wg])
@@ -81,8 +93,7 @@ def block_sparse_forward_mgpu(q, k, v, idx, *, scale: float, group_size: int):
                 s = pl.run_scoped(scores, plgpu.ACC((bs, bs), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 blk = idx_ref[bi, c, kvh, i]
-                r = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 0, layout=plgpu.Layout.WGMMA) + c * bs
-                col = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA) + blk * bs
+                r, col = _positions(c, blk)
                 s = jnp.where(col <= r, s * scale_log2, -jnp.inf)  # log2 domain
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
@@ -170,8 +181,6 @@ def block_sparse_dq_mgpu(q, k, v, idx, do, lse, delta, *, scale: float, group_si
     minus the lse cotangent); the rest as `block_sparse_forward_mgpu`. One CTA per (query block, head pair,
     batch row) as in the forward; a warp-specialised pipeline streams the chosen K / V blocks (an empty slot
     re-reads the query block's own block and is masked out)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     b, tp, hq, d = q.shape
     hkv, n_sel, bs, g = k.shape[2], idx.shape[-1], 64, group_size
     pairs = -(-g // 2)
@@ -186,8 +195,7 @@ def block_sparse_dq_mgpu(q, k, v, idx, do, lse, delta, *, scale: float, group_si
         rows = pl.ds(c * bs, bs)
 
         def compute(pipeline):
-            slot_in_group = (pair % pairs) * 2 + wg
-            head = kvh * g + jnp.minimum(slot_in_group, g - 1)
+            slot_in_group, head = _pair_head(pair, wg, g)
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
             for src, dst, bar in ((q_ref.at[bi, rows, head], q_smem, ready[0]),
                                   (do_ref.at[bi, rows, head], do_smem, ready[1]),
@@ -220,8 +228,7 @@ def block_sparse_dq_mgpu(q, k, v, idx, do, lse, delta, *, scale: float, group_si
 
             s = pl.run_scoped(scores, plgpu.ACC((bs, bs), jnp.float32))
             blk = idx_ref[bi, c, kvh, i]
-            r = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 0, layout=plgpu.Layout.WGMMA) + c * bs
-            col = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA) + blk * bs
+            r, col = _positions(c, blk)
             s = jnp.where((blk >= 0) & (col <= r), s * scale_log2, -jnp.inf)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
 
@@ -271,8 +278,6 @@ def block_sparse_dkv_mgpu(q, k, v, entries, offsets, do, lse, delta, *, scale: f
     that chose it, query head of the group); a memory warpgroup streams each step's q / do tiles and lse /
     delta rows. entries [B, HKV, NQB * S] (query block * S + slot, grouped by chosen block), offsets [B, HKV,
     NB + 1] (`selection.inverted_index`); the rest as `block_sparse_dq_mgpu`."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     b, tp, hq, d = q.shape
     hkv, bs, g = k.shape[2], 64, group_size
     dtype = k.dtype
@@ -314,8 +319,7 @@ def block_sparse_dkv_mgpu(q, k, v, entries, offsets, do, lse, delta, *, scale: f
                     return acc_ref[...]
 
                 s_t = pl.run_scoped(scores_t, plgpu.ACC((bs, bs), jnp.float32))  # [keys, queries]
-                key = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 0, layout=plgpu.Layout.WGMMA) + j * bs
-                row = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA) + c * bs
+                key, row = _positions(j, c)
                 lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
                 s_t = jnp.where(key <= row, s_t * scale_log2, -jnp.inf)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, s_t.shape, [1]))

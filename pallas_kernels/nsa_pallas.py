@@ -44,6 +44,16 @@ def _group_rows(layout: HeadLayout) -> np.ndarray:
     return rows
 
 
+def padded_segment_bounds(segment_ids, b: int, t: int, tp: int) -> tuple[jax.Array, jax.Array]:
+    """Segment bounds lo, hi [B, Tp] (one segment per row without ids); the padded tokens form their own
+    segment [t, tp), so they never meet real tokens."""
+    if segment_ids is None:
+        lo, hi = jnp.zeros((b, t), jnp.int32), jnp.full((b, t), t, jnp.int32)
+    else:
+        lo, hi = segment_bounds(segment_ids)
+    return _pad_to(lo, 1, tp, t), _pad_to(hi, 1, tp, tp)
+
+
 def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_size: int, block_count: int,
                   tie_break: str, selection: str, causal: bool, scale: float, block_q: int) -> jax.Array:
     """Chosen blocks [B, N, HKV, next_pow2(block_count)] (-1 = empty, no gradient) of each padded token (N =
@@ -66,16 +76,10 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
-    if segment_ids is None:  # one segment per row
-        lo, hi = jnp.zeros((b, t), jnp.int32), jnp.full((b, t), t, jnp.int32)
-    else:
-        lo, hi = segment_bounds(segment_ids)
-
     bq = _tile(t)
     tp = -(-t // max(bq, bs)) * max(bq, bs)
     qp, kp, vp = (_pad_to(x, 1, tp) for x in (q, k, v))
-    # Padded tokens form their own segment [t, tp): they never meet real tokens.
-    lop, hip = _pad_to(lo, 1, tp, t), _pad_to(hi, 1, tp, tp)
+    lop, hip = padded_segment_bounds(segment_ids, b, t, tp)
 
     kc32 = mean_pool(k, bs)  # float32 block means, also what the top-k scores against
     kc, vc = kc32.astype(q.dtype), mean_pool(v, bs).astype(q.dtype)
