@@ -12,6 +12,7 @@ the selected keys and the window keys (the top-k scoring pass not counted).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import nsa_attention
-from pallas_kernels.backend import gpu_lowering
+from pallas_kernels.backend import GPU_LOWERINGS, gpu_lowering, gpu_lowering_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", ["8192", "16384", "32768", "65536", "131072"], "sequence lengths")
@@ -35,8 +36,8 @@ flags.DEFINE_integer("block_count", 32, "NSA selected blocks")
 flags.DEFINE_integer("window_size", 256, "NSA sliding window")
 flags.DEFINE_enum("mode", "native", ["native", "videonsa", "query_block"], "NSA mode of our kernels "
                   "(query_block: mode native with selection='query_block', SPEC §4's opt-in)")
-flags.DEFINE_enum("gpu_lowering", "triton", ["triton", "mosaic_gpu"], "mode query_block: the selection's GPU "
-                  "kernels (mosaic_gpu: Hopper wgmma)")
+flags.DEFINE_enum("gpu_lowering", "auto", list(GPU_LOWERINGS), "mode query_block: the selection's GPU "
+                  "kernels (mosaic_gpu: Hopper wgmma; auto: mosaic_gpu on a Hopper GPU, else triton)")
 flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and / or fwd_bwd")
 flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
@@ -44,6 +45,8 @@ flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, "
                   "forward and forward+backward")
+flags.DEFINE_list("flash_configs", [], "breakdown: compression and window kernel settings to time besides the "
+                  "default, each block_q:block_k:num_warps:num_stages (window: block_k = block_q)")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
                   "num_warps:num_stages (or, in mode query_block, mosaic_gpu: the Hopper kernels), forward and "
                   "forward+backward; in mode native the first also its inverted index, forward kernels and "
@@ -188,15 +191,21 @@ def _breakdown(t: int) -> dict:
         loss = lambda *a: f(*a)[0].astype(jnp.float32).sum()
         return _time_jax(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
 
-    cmp = lambda *a: masked_flash(cmp_cfg, *a)
-    swa = lambda *a: masked_flash(swa_cfg, *a)
-    times = {
-        "compression": _time_jax(jax.jit(cmp), q, kc, vc, lo, hi),
-        "compression_fwd_bwd": fwd_bwd(cmp, q, kc, vc, lo, hi),
-        "window": _time_jax(jax.jit(swa), q, k, v, lo, hi),
-        "window_fwd_bwd": fwd_bwd(swa, q, k, v, lo, hi),
-        "topk": _time_jax(topk, q, kc32, lse),
-    }
+    times = {"topk": _time_jax(topk, q, kc32, lse)}
+    for spec in [""] + FLAGS.flash_configs:
+        tag = f"[{spec}]" if spec else ""
+        if spec:
+            fq, fk, warps, stages = (int(x) for x in spec.split(":"))
+            tiles = dict(num_warps=warps, num_stages=stages)
+            cfgs = (dataclasses.replace(cmp_cfg, block_q=fq, block_k=fk, **tiles),
+                    dataclasses.replace(swa_cfg, block_q=fq, block_k=fq, **tiles))
+        else:
+            cfgs = (cmp_cfg, swa_cfg)
+        kc_, vc_ = (_pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (kc, vc))
+        for name, cfg, args in (("compression", cfgs[0], (q, kc_, vc_, lo, hi)), ("window", cfgs[1], (q, k, v, lo, hi))):
+            f = lambda *a, cfg=cfg: masked_flash(cfg, *a)
+            times[name + tag] = _time_jax(jax.jit(f), *args)
+            times[f"{name}_fwd_bwd{tag}"] = fwd_bwd(f, *args)
     if selection == "query_block":
         for spec in FLAGS.selection_configs:
             if spec == "mosaic_gpu":
@@ -282,7 +291,9 @@ def main(argv):
                 with open(FLAGS.out, "w") as f:
                     json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows}, f, indent=1,
                               default=str)
-    print(f"\ndevice: {device}, mode {FLAGS.mode} ({FLAGS.gpu_lowering}), B={FLAGS.batch} HQ={FLAGS.heads} "
+    with gpu_lowering(FLAGS.gpu_lowering):
+        lowering = gpu_lowering_name()
+    print(f"\ndevice: {device}, mode {FLAGS.mode} ({lowering} selection), B={FLAGS.batch} HQ={FLAGS.heads} "
           f"HKV={FLAGS.kv_heads} D={FLAGS.head_dim} bs={FLAGS.block_size} S={FLAGS.block_count} "
           f"W={FLAGS.window_size}, bf16")
     header = "| T | pass | " + " | ".join(f"{m} ms (TFLOP/s)" for m in FLAGS.methods) + " | cudnn/nsa | fla/nsa |"

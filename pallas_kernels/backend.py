@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 _INTERPRET = contextvars.ContextVar("nsa_pallas_interpret", default=None)
 _PLATFORM = contextvars.ContextVar("nsa_pallas_platform", default=None)
-_GPU_LOWERING = contextvars.ContextVar("nsa_pallas_gpu_lowering", default="triton")
+_GPU_LOWERING = contextvars.ContextVar("nsa_pallas_gpu_lowering", default="auto")
+GPU_LOWERINGS = ("auto", "triton", "mosaic_gpu")
 
 
 @contextlib.contextmanager
@@ -37,10 +38,11 @@ def lowering_for(platform: str):
 
 @contextlib.contextmanager
 def gpu_lowering(name: str):
-    """Kernels traced inside use `name` ("triton" or "mosaic_gpu": Hopper wgmma kernels, where a kernel has
-    them, today the query-block selection's) on GPU."""
-    if name not in ("triton", "mosaic_gpu"):
-        raise ValueError(f"gpu lowering must be 'triton' or 'mosaic_gpu', got {name!r}")
+    """Kernels traced inside use `name` on GPU: "triton", "mosaic_gpu" (Hopper wgmma kernels, where a kernel
+    has them, today the query-block selection's) or "auto" (the default: "mosaic_gpu" on a Hopper GPU, else
+    "triton")."""
+    if name not in GPU_LOWERINGS:
+        raise ValueError(f"gpu lowering must be one of {GPU_LOWERINGS}, got {name!r}")
     token = _GPU_LOWERING.set(name)
     try:
         yield
@@ -48,10 +50,23 @@ def gpu_lowering(name: str):
         _GPU_LOWERING.reset(token)
 
 
-def gpu_lowering_name() -> str:
-    """The lowering of kernels traced now: `gpu_lowering`'s choice on GPU ("triton" by default); elsewhere
-    "triton" (Pallas' Triton-style kernels, run by the interpreter on CPU)."""
-    return _GPU_LOWERING.get() if kernel_platform() == "gpu" else "triton"
+def gpu_lowering_name(mosaic_gpu_fits: bool = True) -> str:
+    """The lowering of kernels traced now: `gpu_lowering`'s choice on GPU, "auto" resolved ("mosaic_gpu" where
+    the default backend's GPUs are Hoppers and the kernel's Mosaic GPU version takes the shapes,
+    `mosaic_gpu_fits`); elsewhere "triton" (Pallas' Triton-style kernels, run by the interpreter on CPU).
+    Lowering for an abstract GPU (`lowering_for`) on a CPU-only machine resolves "auto" to "triton"."""
+    if kernel_platform() != "gpu":
+        return "triton"
+    name = _GPU_LOWERING.get()
+    if name == "auto":
+        return "mosaic_gpu" if mosaic_gpu_fits and hopper_gpus() else "triton"
+    return name
+
+
+def hopper_gpus() -> bool:
+    """Whether the default backend's devices are Hopper GPUs (compute capability 9.0: wgmma, TMA)."""
+    devices = jax.devices()
+    return devices[0].platform == "gpu" and all(getattr(d, "compute_capability", "") == "9.0" for d in devices)
 
 
 def kernel_platform() -> str:

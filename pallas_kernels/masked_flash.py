@@ -38,6 +38,8 @@ class MaskedFlashConfig:
     window: int = 0
     block_q: int = 64
     block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def structured_mask(kind: str, rows, cols, lo, hi, *, block_size: int = 1, window: int = 0):
@@ -71,6 +73,34 @@ def _key_tiles(cfg: MaskedFlashConfig, q0, lo_first, hi_last, num_k_tiles: int):
     return jnp.maximum(first, 0), jnp.minimum(last, num_k_tiles)
 
 
+def _full_key_tiles(cfg: MaskedFlashConfig, q0, lo_last, hi_first, first, last):
+    """Key tiles [a, b), inside [first, last), whose every key every query row q0 .. q0 + BQ - 1 sees: no mask
+    needed. lo_last / hi_first: the largest segment start / smallest segment end of the rows (both grow with
+    the position)."""
+    bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
+    if cfg.kind == "window":
+        a = jnp.maximum(ceil_div(q0 + bq - cfg.window, bk), ceil_div(lo_last, bk))
+        b = (q0 + 1) // bk
+    elif cfg.kind == "cmp_causal":
+        a, b = ceil_div(lo_last, bs * bk), (q0 + 1) // (bs * bk)
+    else:
+        a = jnp.maximum(ceil_div(q0 + bq - bs, bs * bk), ceil_div(lo_last, bs * bk))
+        b = ceil_div(hi_first, bs) // bk
+    a = jnp.clip(a, first, last)
+    return a, jnp.clip(b, a, last)
+
+
+def _key_loop(cfg: MaskedFlashConfig, body, carry, q0, lo_ref, hi_ref, nk: int):
+    """Runs body(tile, carry, masked) over the key tiles the query tile at q0 can see, with masked=False on
+    the tiles it sees whole."""
+    bq = cfg.block_q
+    first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
+    a, b = _full_key_tiles(cfg, q0, lo_ref[bq - 1], hi_ref[0], first, last)
+    carry = jax.lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
+    carry = jax.lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+    return jax.lax.fori_loop(b, last, functools.partial(body, masked=True), carry)
+
+
 def _query_tiles(cfg: MaskedFlashConfig, k0, num_q_tiles: int):
     """Query tiles [first, last) that can see a key of the tile starting at key index k0."""
     bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
@@ -89,22 +119,24 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg: Mas
     q = q_ref[...]
     rows = q0 + jnp.arange(bq)[:, None]
     lo, hi = lo_ref[...][:, None], hi_ref[...][:, None]
-    first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
 
-    def body(t, carry):
+    def body(t, carry, masked: bool):
         k = k_ref[pl.ds(t * bk, bk), :]
         v = v_ref[pl.ds(t * bk, bk), :]
         s = dot(q, k, trans_b=True) * cfg.scale
-        s = jnp.where(_mask(cfg, rows, t * bk + jnp.arange(bk)[None, :], lo, hi), s, -jnp.inf)
+        if masked:
+            s = jnp.where(_mask(cfg, rows, t * bk + jnp.arange(bk)[None, :], lo, hi), s, -jnp.inf)
         return softmax_step(carry, s, v)
 
-    o, lse = softmax_result(jax.lax.fori_loop(first, last, body, softmax_init(bq, q.shape[-1])))
+    o, lse = softmax_result(_key_loop(cfg, body, softmax_init(bq, q.shape[-1]), q0, lo_ref, hi_ref, nk))
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
 
-def _probs(cfg, q, k, rows, cols, lo, hi, lse):
-    s = jnp.where(_mask(cfg, rows, cols, lo, hi), dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+def _probs(cfg, q, k, rows, cols, lo, hi, lse, masked: bool = True):
+    s = dot(q, k, trans_b=True) * cfg.scale
+    if masked:
+        s = jnp.where(_mask(cfg, rows, cols, lo, hi), s, -jnp.inf)
     return probs_from_lse(s, lse)
 
 
@@ -116,16 +148,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, 
     lse, delta = lse_ref[...], delta_ref[...]
     rows = q0 + jnp.arange(bq)[:, None]
     lo, hi = lo_ref[...][:, None], hi_ref[...][:, None]
-    first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
 
-    def body(t, dq):
+    def body(t, dq, masked: bool):
         k = k_ref[pl.ds(t * bk, bk), :]
         v = v_ref[pl.ds(t * bk, bk), :]
-        p = _probs(cfg, q, k, rows, t * bk + jnp.arange(bk)[None, :], lo, hi, lse)
+        p = _probs(cfg, q, k, rows, t * bk + jnp.arange(bk)[None, :], lo, hi, lse, masked)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(first, last, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _key_loop(cfg, body, jnp.zeros(q.shape, jnp.float32), q0, lo_ref, hi_ref, nk)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -181,7 +212,7 @@ def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi):
                    pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, hv, d), q.dtype), jax.ShapeDtypeStruct((b, hv, tp), jnp.float32)],
         name=f"nsa_{cfg.kind}_fwd",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, lo, hi)
 
 
@@ -205,7 +236,7 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
         out_specs=pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, hv, d), jnp.float32),
         name=f"nsa_{cfg.kind}_dq",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, lo, hi, do, lse, delta)
     # A compressed key is seen by all later queries: split that long query range over n_split programs
     # (partial dk / dv summed after) so that the grid fills the GPU. Window keys see a few query tiles.
@@ -221,7 +252,7 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
         out_specs=[partial, partial],
         out_shape=[jax.ShapeDtypeStruct((n_split,) + k.shape, jnp.float32)] * 2,
         name=f"nsa_{cfg.kind}_dkv",
-        **call_options(),
+        **call_options(cfg.num_warps, cfg.num_stages),
     )(q, k, v, lo, hi, do, lse, delta)
     dk, dv = dk.sum(0), dv.sum(0)
     dq = dq.reshape(b, tp, hv // hq, hq, d).sum(2)  # the copies of a query head ("videonsa": two)

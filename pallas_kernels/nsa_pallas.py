@@ -10,6 +10,7 @@ import numpy as np
 
 from pallas_kernels.backend import gpu_lowering_name
 from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
+from pallas_kernels.block_sparse_mgpu import supported as mosaic_gpu_supported
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool
@@ -99,7 +100,8 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
                         causal=causal_compression, scale=scale, block_q=bq)
     vrows = np.arange(hv)
     if selection == "query_block":  # gqa layout: virtual heads are the query heads
-        cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering=gpu_lowering_name())
+        lowering = gpu_lowering_name(mosaic_gpu_fits=mosaic_gpu_supported(bs, d, q.dtype))
+        cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering=lowering)
         o_slc, _ = block_sparse_attention(cfg, qp, kp, vp, idx)
     else:
         rows = _group_rows(layout)  # [HKV, GR]

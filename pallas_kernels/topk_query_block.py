@@ -3,7 +3,8 @@ queries, then the "recent" rule (`topk_rules.recent_topk`, the oracle's) on each
 
 Importance: one program per (batch, KV head, query block of block_size tokens). It walks the compressed key
 tiles of the block's past (first block of its segment <= j < the query block) and adds, for every real token
-of the block and every query head of the KV head, exp(scale q . k_cmp - lse). Head layout "gqa" only (the
+of the block and every query head of the KV head, exp(scale q . k_cmp - lse), the product in q's dtype (bf16
+inputs: bf16 operands with float32 sums, the precision of the compression branch that made lse). Head layout "gqa" only (the
 only layout query blocks take): no padded zero rows. Rule: one program per (batch, query block, KV head)
 takes the whole row and extracts block_count maxima (the current block first, ties to the higher index).
 """
@@ -29,12 +30,12 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, out_ref, *, group_size: int, block_s
 
     def head(g, imp, kc):
         lse = lse_ref[h * group_size + g, :]
-        s = dot(q_ref[:, h * group_size + g, :].astype(jnp.float32), kc, trans_b=True) * scale
+        s = dot(q_ref[:, h * group_size + g, :], kc, trans_b=True) * scale
         ok = (real & (lse > -jnp.inf))[:, None]
         return imp + jnp.where(ok, jnp.exp(s - jnp.where(ok, lse[:, None], 0.0)), 0.0)
 
     def tile(kt, carry):
-        kc = kc_ref[pl.ds(kt * block_k, block_k), :]
+        kc = kc_ref[pl.ds(kt * block_k, block_k), :].astype(q_ref.dtype)
         imp = jax.lax.fori_loop(0, group_size, functools.partial(head, kc=kc), jnp.zeros((bs, block_k), jnp.float32))
         out_ref[pl.ds(kt * block_k, block_k)] = imp.sum(axis=0)
         return carry

@@ -32,7 +32,7 @@ def _kernel(q_ref, kc_ref, lse_ref, out_ref, *, block_size: int, blocks_per_tile
 
     @pl.when(kt * block_k < (qt + 1) * nq)  # some block of this key tile precedes a query block of the tile
     def _step():
-        s = dot(q_ref[...].astype(jnp.float32), kc_ref[...], trans_b=True) * scale  # [rows, BK]
+        s = dot(q_ref[...], kc_ref[...].astype(q_ref.dtype), trans_b=True) * scale  # [rows, BK], q's dtype
         lse = lse_ref[...]  # [rows, 1]
         pos = qt * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
         ok = (pos < t) & (lse > -jnp.inf)

@@ -24,12 +24,15 @@ def test_bench_train_reports_consistent_mfu(tmp_path):
 def test_bench_query_block_mode_and_breakdown(tmp_path):
     r = _run(["launch.bench", "--seq_lens=96", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
               "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--mode=query_block",
-              "--breakdown", "--iters=1", "--warmup=0", "--selection_configs=4:2,8:3"], tmp_path)
+              "--breakdown", "--iters=1", "--warmup=0", "--selection_configs=4:2,8:3", "--flash_configs=32:16:8:3"],
+             tmp_path)
     (row,) = r["rows"]
     assert r["flags"]["mode"] == "query_block" and row["nsa"]["ms"] > 0
     stages = row["breakdown_ms"]
     assert set(stages) == {"compression", "compression_fwd_bwd", "window", "window_fwd_bwd", "topk",
-                           "selection[4:2]", "selection_fwd_bwd[4:2]", "selection[8:3]", "selection_fwd_bwd[8:3]"}
+                           "selection[4:2]", "selection_fwd_bwd[4:2]", "selection[8:3]", "selection_fwd_bwd[8:3]",
+                           "compression[32:16:8:3]", "compression_fwd_bwd[32:16:8:3]", "window[32:16:8:3]",
+                           "window_fwd_bwd[32:16:8:3]"}
     assert all(isinstance(ms, float) and ms > 0 for ms in stages.values()), stages
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import nsa_attention
-from pallas_kernels.backend import gpu_lowering, lowering_for
+from pallas_kernels.backend import gpu_lowering, hopper_gpus, lowering_for
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import (block_importance, compression_attention, expand_heads, mean_pool,
@@ -68,11 +68,14 @@ def test_kernels_match_oracle_forward_and_gradients(name):
 
 
 @pytest.mark.parametrize("kind", ["cmp_causal", "cmp_full", "window"])
-def test_masked_flash_branches_and_lse(kind):
-    """The compression / window kernel alone, per virtual head, with its lse (gqa, G = 2, two segments)."""
-    b, t, hq, hkv, d, bs, window = 1, 64, 4, 2, 16, 16, 5
+@pytest.mark.parametrize("long", [False, True])
+def test_masked_flash_branches_and_lse(kind, long):
+    """The compression / window kernel alone, per virtual head, with its lse (gqa, G = 2, two segments). The
+    long case has key tiles that whole query tiles see (run without the mask) between masked ones."""
+    b, hq, hkv, d = 1, 4, 2, 16
+    t, bs, window, seg_lens = (256, 4, 40, (100, 156)) if long else (64, 16, 5, (32, 32))
     (q, k, v, *_), _ = _inputs(7, b, t, hq, hkv, d, jnp.float32)
-    seg = jnp.asarray([[0] * 32 + [1] * 32], jnp.int32)
+    seg = jnp.asarray([np.repeat(np.arange(2), seg_lens)], jnp.int32)
     lo, hi = segment_bounds(seg)
     layout = head_layout("gqa", hq, hkv)
     cfg = MaskedFlashConfig(kind, hq, layout.virtual_heads, layout.group_size, d ** -0.5,
@@ -82,7 +85,7 @@ def test_masked_flash_branches_and_lse(kind):
         want = window_attention(q, k, v, window_size=window, segment_ids=seg)
         want_lse = None
     else:
-        keys = tuple(jnp.pad(mean_pool(x, bs), ((0, 0), (0, 12), (0, 0), (0, 0))) for x in (k, v))
+        keys = tuple(jnp.pad(mean_pool(x, bs), ((0, 0), (0, -(t // bs) % 16), (0, 0), (0, 0))) for x in (k, v))
         want, want_lse = compression_attention(expand_heads(q, layout), k, v, block_size=bs,
                                                causal=kind == "cmp_causal", segment_ids=seg)
     o, lse = jax.jit(lambda *a: masked_flash(cfg, *a))(q, *keys, lo, hi)
@@ -93,6 +96,18 @@ def test_masked_flash_branches_and_lse(kind):
         assert (np.isfinite(got_lse) == np.isfinite(want_lse)).all()
         np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
                                    np.where(np.isfinite(want_lse), want_lse, 0), atol=atol)
+    # gradients: dq (and dk / dv for the window, whose keys are the tokens) against the oracle's
+    w = jax.random.normal(jax.random.key(1), want.shape, jnp.float32)
+    ours = lambda q_, k_, v_: (masked_flash(cfg, q_, k_, v_, lo, hi)[0] * w).sum()
+    if kind == "window":
+        oracle = lambda q_, k_, v_: (window_attention(q_, k_, v_, window_size=window, segment_ids=seg) * w).sum()
+    else:
+        oracle = lambda q_, k_, v_: (compression_attention(expand_heads(q_, layout), k_, v_, block_size=bs,
+                                                           causal=kind == "cmp_causal", segment_ids=seg)[0] * w).sum()
+    argnums = (0, 1, 2) if kind == "window" else (0,)
+    got = jax.jit(jax.grad(ours, argnums))(q, *keys)
+    for g_, r_ in zip(got, jax.grad(oracle, argnums)(q, k, v)):
+        np.testing.assert_allclose(g_, r_, atol=10 * atol)
 
 
 TOPK_CASES = {  # name: (b, t, hq, hkv, block_size, block_count, layout, causal, block_q, segments, zero_q)
@@ -170,26 +185,28 @@ def test_fused_topk_matches_oracle_selection(name):
     np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))
 
 
-@pytest.mark.parametrize("mode", ["native", "videonsa", "query_block", "query_block_mosaic_gpu"])
+@pytest.mark.parametrize("mode", ["native", "videonsa", "query_block", "query_block_mosaic_gpu",
+                                  "query_block_auto"])
 def test_kernels_lower_to_triton_for_h100(mode):
     """Forward + backward lower through Pallas' Triton backend for an abstract H100 (no GPU needed): catches
     what the interpreter accepts and Triton does not (block shapes, primitives). Compiling the Triton IR to
     PTX still needs the device. Under `gpu_lowering("mosaic_gpu")` the block-sparse selection's three kernels
-    are Mosaic GPU's instead."""
+    are Mosaic GPU's instead; the default ("auto") takes them where the machine's GPUs are Hoppers."""
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     b, t, hq, hkv, d = 1, 1000, 28, 4, 128
     args = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16) for h in (hq, hkv, hkv)]
     args += [jax.ShapeDtypeStruct((b, t, hq), jnp.bfloat16)] * 3
-    kw = {"videonsa": VIDEONSA, "query_block": QUERY_BLOCK, "query_block_mosaic_gpu": QUERY_BLOCK}.get(mode, {})
+    kw = QUERY_BLOCK if mode.startswith("query_block") else VIDEONSA if mode == "videonsa" else {}
     loss = lambda *a: nsa_attention(*a, impl="pallas", **kw).astype(jnp.float32).sum()
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    lowering = gpu_lowering("mosaic_gpu" if mode.endswith("mosaic_gpu") else "triton")
+    lowering = gpu_lowering({"query_block_mosaic_gpu": "mosaic_gpu", "query_block_auto": "auto"}.get(mode, "triton"))
+    mosaic = mode == "query_block_mosaic_gpu" or (mode == "query_block_auto" and hopper_gpus())
     with lowering, lowering_for("gpu"), use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # compression, window and selection (per token or block-sparse): fwd, dq, dk/dv each; plus the top-k of
     # the "recent" rule: one fused kernel per token, importance + rule kernels per query block; fla's network
     # runs in jnp
-    kernels = {"native": 10, "videonsa": 9, "query_block": 11, "query_block_mosaic_gpu": 8}[mode]
+    kernels = {"native": 10, "videonsa": 9}.get(mode, 8 if mosaic else 11)
     assert text.count("__gpu$xla.gpu.triton") == kernels, text.count("__gpu$xla.gpu.triton")
-    assert text.count("custom_call @mosaic_gpu") == (3 if mode.endswith("mosaic_gpu") else 0)
+    assert text.count("custom_call @mosaic_gpu") == (3 if mosaic else 0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference as ref
+from pallas_kernels.backend import hopper_gpus
 from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
 from pallas_kernels.selection import SelectionConfig, _selection_fwd, selection_attention
 
@@ -95,10 +96,7 @@ def _mosaic_inputs(t: int, hkv: int, g: int, d: int, n_sel: int):
     return q, k, v, jax.random.normal(ks[3], q.shape, jnp.float32), jnp.asarray(idx)
 
 
-_HOPPER = jax.default_backend() == "gpu" and any(n in jax.devices()[0].device_kind for n in ("H100", "H200"))
-
-
-@pytest.mark.skipif(not _HOPPER, reason="the Mosaic GPU kernels run on Hopper GPUs only (lowering: test below)")
+@pytest.mark.skipif(not hopper_gpus(), reason="the Mosaic GPU kernels run on Hopper GPUs only (lowering: test below)")
 def test_block_sparse_mosaic_gpu_matches_oracle():
     """The Hopper (wgmma) kernels: forward output against the oracle, lse against the Triton forward's, and the
     gradients of q (dq kernel), k and v (dk/dv kernel) against the oracle's, all reported together; G = 7 (an
