@@ -292,8 +292,8 @@ def main(argv):
                     json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows}, f, indent=1,
                               default=str)
     with gpu_lowering(FLAGS.gpu_lowering):
-        lowering = gpu_lowering_name()
-    print(f"\ndevice: {device}, mode {FLAGS.mode} ({lowering} selection), B={FLAGS.batch} HQ={FLAGS.heads} "
+        lowering = f" ({gpu_lowering_name()} selection)" if FLAGS.mode == "query_block" else ""
+    print(f"\ndevice: {device}, mode {FLAGS.mode}{lowering}, B={FLAGS.batch} HQ={FLAGS.heads} "
           f"HKV={FLAGS.kv_heads} D={FLAGS.head_dim} bs={FLAGS.block_size} S={FLAGS.block_count} "
           f"W={FLAGS.window_size}, bf16")
     header = "| T | pass | " + " | ".join(f"{m} ms (TFLOP/s)" for m in FLAGS.methods) + " | cudnn/nsa | fla/nsa |"

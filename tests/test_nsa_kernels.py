@@ -28,6 +28,8 @@ CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mo
     "videonsa_g7_bf16_packed": (jnp.bfloat16, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA, (32, 48)),
     "query_block_g7_f32_packed_ragged": (jnp.float32, 1, 90, 7, 1, 16, 16, 2, 20, QUERY_BLOCK, (32, 58)),
     "query_block_g2_bf16": (jnp.bfloat16, 1, 64, 4, 2, 16, 16, 3, 16, QUERY_BLOCK, None),
+    # block 64, head dim 128, bf16: on a Hopper GPU its selection runs the Mosaic GPU kernels
+    "query_block_g7_bf16_d128_packed": (jnp.bfloat16, 2, 300, 14, 2, 128, 64, 3, 64, QUERY_BLOCK, (128, 172)),
 }
 # Relative L2 error. On GPU float32 products run as tf32 (Triton's default, and XLA's for the oracle).
 TOL = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 3e-3, jnp.bfloat16: 2e-2}
