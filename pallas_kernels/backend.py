@@ -133,10 +133,11 @@ def softmax_result(carry) -> tuple[jax.Array, jax.Array]:
 
 
 def probs_from_lse(s: jax.Array, lse: jax.Array) -> jax.Array:
-    """Softmax probabilities of masked logits s [rows, keys] given each row's lse (0 where masked or the row
-    saw nothing)."""
-    finite = (lse > -jnp.inf)[:, None]
-    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse[:, None], 0.0)), 0.0)
+    """Softmax probabilities of masked logits s [rows, keys] given each row's lse, [rows] or [rows, 1] (the
+    2-D form Mosaic keeps); 0 where masked or where the row saw nothing."""
+    lse = lse if lse.ndim == 2 else lse[:, None]
+    finite = lse > -jnp.inf
+    return jnp.where(finite & (s > -jnp.inf), jnp.exp(s - jnp.where(finite, lse, 0.0)), 0.0)
 
 
 def dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:

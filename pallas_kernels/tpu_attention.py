@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.backend import call_options, ceil_div, dot
+from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse
 from pallas_kernels.masked_flash import structured_mask
 
 KINDS = ("cmp_causal", "cmp_full", "window", "selection")
@@ -78,12 +78,6 @@ def _logits(cfg: TiledConfig, q, k, qt, kt, lo, hi):
     return jnp.where(_mask(cfg, qt, kt, lo, hi), dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
 
 
-def _probs(s, lse):
-    """exp(s - lse), 0 where masked or where the row saw nothing (lse [BQ, 1])."""
-    ok = (lse > -jnp.inf) & (s > -jnp.inf)
-    return jnp.where(ok, jnp.exp(s - jnp.where(lse > -jnp.inf, lse, 0.0)), 0.0)
-
-
 def _list_slot(cfg: TiledConfig, lists_ref):
     """(query tile, list slot, last slot, key tile or -1) of a program of the grid (B, HQ, query tile, slot)."""
     b, h, qt, s = (pl.program_id(i) for i in range(4))
@@ -131,7 +125,7 @@ def _dq_kernel(lists_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, 
     @pl.when(kt >= 0)
     def _step():
         k = k_ref[...]
-        p = _probs(_logits(cfg, q_ref[...], k, qt, kt, lo_ref[...], hi_ref[...]), lse_ref[...])
+        p = probs_from_lse(_logits(cfg, q_ref[...], k, qt, kt, lo_ref[...], hi_ref[...]), lse_ref[...])
         ds = p * (dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
         dq_sc[...] += dot(ds.astype(k.dtype), k)
 
@@ -156,7 +150,7 @@ def _dkv_kernel(entry_q_ref, entry_k_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, d
     @pl.when(qt >= 0)
     def _step():
         q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-        p = _probs(_logits(cfg, q, k, qt, kt, lo_ref[...], hi_ref[...]), lse_ref[...])
+        p = probs_from_lse(_logits(cfg, q, k, qt, kt, lo_ref[...], hi_ref[...]), lse_ref[...])
         ds = p * (dot(do, v, trans_b=True) - delta_ref[...])
         dk_sc[...] += dot(ds.astype(q.dtype), q, trans_a=True)
         dv_sc[...] += dot(p.astype(do.dtype), do, trans_a=True)
