@@ -202,7 +202,8 @@ def _breakdown(t: int) -> dict:
         else:
             cfgs = (cmp_cfg, swa_cfg)
         kc_, vc_ = (_pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (kc, vc))
-        for name, cfg, args in (("compression", cfgs[0], (q, kc_, vc_, lo, hi)), ("window", cfgs[1], (q, k, v, lo, hi))):
+        branches = (("compression", cfgs[0], (q, kc_, vc_, lo, hi)), ("window", cfgs[1], (q, k, v, lo, hi)))
+        for name, cfg, args in branches:
             f = lambda *a, cfg=cfg: masked_flash(cfg, *a)
             times[name + tag] = _time_jax(jax.jit(f), *args)
             times[f"{name}_fwd_bwd{tag}"] = fwd_bwd(f, *args)

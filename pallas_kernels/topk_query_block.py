@@ -4,9 +4,10 @@ queries, then the "recent" rule (`topk_rules.recent_topk`, the oracle's) on each
 Importance: one program per (batch, KV head, query block of block_size tokens). It walks the compressed key
 tiles of the block's past (first block of its segment <= j < the query block) and adds, for every real token
 of the block and every query head of the KV head, exp(scale q . k_cmp - lse), the product in q's dtype (bf16
-inputs: bf16 operands with float32 sums, the precision of the compression branch that made lse). Head layout "gqa" only (the
-only layout query blocks take): no padded zero rows. Rule: one program per (batch, query block, KV head)
-takes the whole row and extracts block_count maxima (the current block first, ties to the higher index).
+inputs: bf16 operands with float32 sums, the precision of the compression branch that made lse). Head layout
+"gqa" only (the only layout query blocks take): no padded zero rows. Rule: one program per (batch, query
+block, KV head) takes the whole row and extracts block_count maxima (the current block first, ties to the
+higher index).
 """
 
 from __future__ import annotations
