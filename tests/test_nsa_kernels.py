@@ -83,14 +83,15 @@ def test_masked_flash_branches_and_lse(kind, long):
     cfg = MaskedFlashConfig(kind, hq, layout.virtual_heads, layout.group_size, d ** -0.5,
                             block_size=1 if kind == "window" else bs, window=window, block_q=16, block_k=16)
     if kind == "window":
-        keys = (k, v)
-        want = window_attention(q, k, v, window_size=window, segment_ids=seg)
-        want_lse = None
-    else:
-        keys = tuple(jnp.pad(mean_pool(x, bs), ((0, 0), (0, -(t // bs) % 16), (0, 0), (0, 0))) for x in (k, v))
-        want, want_lse = compression_attention(expand_heads(q, layout), k, v, block_size=bs,
-                                               causal=kind == "cmp_causal", segment_ids=seg)
-    o, lse = jax.jit(lambda *a: masked_flash(cfg, *a))(q, *keys, lo, hi)
+        keys_of = lambda k_, v_: (k_, v_)
+        oracle = lambda q_, k_, v_: (window_attention(q_, k_, v_, window_size=window, segment_ids=seg), None)
+    else:  # the kernel's keys are the block means, zero-padded to whole key tiles
+        pooled = lambda x: jnp.pad(mean_pool(x, bs), ((0, 0), (0, -(t // bs) % 16), (0, 0), (0, 0)))
+        keys_of = lambda k_, v_: (pooled(k_), pooled(v_))
+        oracle = lambda q_, k_, v_: compression_attention(expand_heads(q_, layout), k_, v_, block_size=bs,
+                                                          causal=kind == "cmp_causal", segment_ids=seg)
+    ours = lambda q_, k_, v_: masked_flash(cfg, q_, *keys_of(k_, v_), lo, hi)
+    (o, lse), (want, want_lse) = jax.jit(ours)(q, k, v), oracle(q, k, v)
     atol = 2e-6 if jax.default_backend() == "cpu" else 2e-2
     np.testing.assert_allclose(o, want, atol=atol)
     if want_lse is not None:
@@ -98,17 +99,11 @@ def test_masked_flash_branches_and_lse(kind, long):
         assert (np.isfinite(got_lse) == np.isfinite(want_lse)).all()
         np.testing.assert_allclose(np.where(np.isfinite(got_lse), got_lse, 0),
                                    np.where(np.isfinite(want_lse), want_lse, 0), atol=atol)
-    # gradients: dq (and dk / dv for the window, whose keys are the tokens) against the oracle's
+    # gradients of q, k and v (through the mean pooling for compression) against the oracle's
     w = jax.random.normal(jax.random.key(1), want.shape, jnp.float32)
-    ours = lambda q_, k_, v_: (masked_flash(cfg, q_, k_, v_, lo, hi)[0] * w).sum()
-    if kind == "window":
-        oracle = lambda q_, k_, v_: (window_attention(q_, k_, v_, window_size=window, segment_ids=seg) * w).sum()
-    else:
-        oracle = lambda q_, k_, v_: (compression_attention(expand_heads(q_, layout), k_, v_, block_size=bs,
-                                                           causal=kind == "cmp_causal", segment_ids=seg)[0] * w).sum()
-    argnums = (0, 1, 2) if kind == "window" else (0,)
-    got = jax.jit(jax.grad(ours, argnums))(q, *keys)
-    for g_, r_ in zip(got, jax.grad(oracle, argnums)(q, k, v)):
+    loss = lambda f: lambda *a: (f(*a)[0] * w).sum()
+    got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
+    for g_, r_ in zip(got, jax.grad(loss(oracle), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(g_, r_, atol=10 * atol)
 
 
