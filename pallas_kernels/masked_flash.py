@@ -73,17 +73,21 @@ def _key_tiles(cfg: MaskedFlashConfig, q0, lo_first, hi_last, num_k_tiles: int):
     return jnp.maximum(first, 0), jnp.minimum(last, num_k_tiles)
 
 
-def _full_key_tiles(cfg: MaskedFlashConfig, q0, lo_last, hi_first):
-    """Key tiles [a, b) whose every key every query row q0 .. q0 + BQ - 1 sees: no mask needed. lo_last /
-    hi_first: the largest segment start / smallest segment end of the rows (both grow with the position)."""
+def _full_key_tiles(cfg: MaskedFlashConfig, q0, lo_last, hi_first, first, last):
+    """Key tiles [a, b), inside [first, last), whose every key every query row q0 .. q0 + BQ - 1 sees: no mask
+    needed. lo_last / hi_first: the largest segment start / smallest segment end of the rows (both grow with
+    the position)."""
     bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
     if cfg.kind == "window":
         a = jnp.maximum(ceil_div(q0 + bq - cfg.window, bk), ceil_div(lo_last, bk))
-        return a, (q0 + 1) // bk
-    if cfg.kind == "cmp_causal":
-        return ceil_div(lo_last, bs * bk), (q0 + 1) // (bs * bk)
-    a = jnp.maximum(ceil_div(q0 + bq - bs, bs * bk), ceil_div(lo_last, bs * bk))
-    return a, ceil_div(hi_first, bs) // bk
+        b = (q0 + 1) // bk
+    elif cfg.kind == "cmp_causal":
+        a, b = ceil_div(lo_last, bs * bk), (q0 + 1) // (bs * bk)
+    else:
+        a = jnp.maximum(ceil_div(q0 + bq - bs, bs * bk), ceil_div(lo_last, bs * bk))
+        b = ceil_div(hi_first, bs) // bk
+    a = jnp.clip(a, first, last)
+    return a, jnp.clip(b, a, last)
 
 
 def _key_loop(cfg: MaskedFlashConfig, body, carry, q0, lo_ref, hi_ref, nk: int):
@@ -91,9 +95,7 @@ def _key_loop(cfg: MaskedFlashConfig, body, carry, q0, lo_ref, hi_ref, nk: int):
     the tiles it sees whole."""
     bq = cfg.block_q
     first, last = _key_tiles(cfg, q0, lo_ref[0], hi_ref[bq - 1], nk)
-    a, b = _full_key_tiles(cfg, q0, lo_ref[bq - 1], hi_ref[0])
-    a = jnp.clip(a, first, last)
-    b = jnp.clip(b, a, last)
+    a, b = _full_key_tiles(cfg, q0, lo_ref[bq - 1], hi_ref[0], first, last)
     carry = jax.lax.fori_loop(first, a, functools.partial(body, masked=True), carry)
     carry = jax.lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
     return jax.lax.fori_loop(b, last, functools.partial(body, masked=True), carry)
@@ -161,8 +163,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, 
 def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 cfg: MaskedFlashConfig, nq: int, n_split: int):
     bq, bk = cfg.block_q, cfg.block_k
-    kv, kt, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    k0 = kt * bk
+    kv, k0, split = pl.program_id(1), pl.program_id(2) * bk, pl.program_id(3)
     k, v = k_ref[...], v_ref[...]
     cols = k0 + jnp.arange(bk)[None, :]
     first_q, last_q = _query_tiles(cfg, k0, nq)
@@ -181,10 +182,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref,
             q, do = q_ref[sl, h, :], do_ref[sl, vr, :]
             lse, delta = lse_ref[vr, sl], delta_ref[vr, sl]
             rows = t * bq + jnp.arange(bq)[:, None]
-            a, b = _full_key_tiles(cfg, t * bq, lo_ref[t * bq + bq - 1], hi_ref[t * bq])
-            probs = lambda masked: _probs(cfg, q, k, rows, cols, lo_ref[sl][:, None], hi_ref[sl][:, None], lse,
-                                          masked)
-            p = jax.lax.cond((a <= kt) & (kt < b), lambda: probs(False), lambda: probs(True))
+            p = _probs(cfg, q, k, rows, cols, lo_ref[sl][:, None], hi_ref[sl][:, None], lse)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (dot(do, v, trans_b=True) - delta[:, None])
             return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
