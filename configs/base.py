@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_patches=256,  # pixel rows per micro-batch after padding
         poison_steps=(),  # synthetic: steps whose pixels are NaN (tests the non-finite guard)
         text_vocab=0,  # synthetic: prompt words drawn from ids 1 .. text_vocab - 1 (0 = all text ids)
+        too_long="skip",  # shards: a sample over seq_len / max_patches is skipped, or "truncate"d to seq_len tokens
+        max_skip_fraction=0.05,  # shards: stop once more than this fraction of the samples drawn was skipped
         seed=0,
     ))
     c.train = ml_collections.ConfigDict(dict(

@@ -23,6 +23,11 @@ B = batch_size, L = seq_len, V = B * samples_per_row):
                                               r's samples take slots r*samples_per_row ..., unused slots are 0
     second_per_grid_ts   float32 [V]          seconds per temporal patch of each video, 0 for unused slots
 
+A sample that does not fit (more tokens than `seq_len` or more pixel rows than `max_patches`) is skipped, or
+with `too_long="truncate"` cut to `seq_len` tokens when its video tokens and an answer token remain; the
+iterator counts both (`fit_counts` of its state) and raises `SkipBudgetError` once more than
+`max_skip_fraction` of the samples drawn (at least of one epoch) were skipped.
+
 An exhausted finite dataset (`num_epochs`) ends with a partially filled batch. The iterator is a Grain
 `DatasetIterator`: `get_state()` is a small JSON-able dict and `set_state` resumes exactly; save it with
 the model checkpoint (e.g. through `orbax_save_args` / `orbax_restore_args`).
@@ -31,6 +36,7 @@ the model checkpoint (e.g. through `orbax_save_args` / `orbax_restore_args`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Sequence
 
 import grain
@@ -44,10 +50,19 @@ from nsa_jax.rope import get_rope_index
 from nsa_jax.tokenizer import ENDOFTEXT, VIDEO_PAD, VISION_END, VISION_START, Tokenizer
 
 IGNORE = -100
+TOO_LONG_POLICIES = ("skip", "truncate")
+_LOGGED_SKIPS = 5  # skips logged one by one; later ones are only counted
+_EXAMPLES = 5  # reasons of skipped samples kept for the error message
+
+log = logging.getLogger(__name__)
 
 
 class SampleTooLongError(ValueError):
     """A sample that does not fit the configured sequence length or pixel budget."""
+
+
+class SkipBudgetError(SampleTooLongError):
+    """More samples skipped than `max_skip_fraction` allows."""
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> None:
@@ -99,12 +114,65 @@ class PackSpec:
     patch_dim: int
     pad_id: int
 
-    def check_fits(self, sample: dict[str, Any]) -> None:
+    def misfit(self, sample: dict[str, Any]) -> str | None:
+        """Why the sample does not fit a batch ("sample ID: ..."), or None."""
         n, p = len(sample["input_ids"]), len(sample["pixels"])
-        if n > self.seq_len:
-            raise SampleTooLongError(f"sample {sample['id']}: {n} tokens > seq_len={self.seq_len}")
         if p > self.max_patches:
-            raise SampleTooLongError(f"sample {sample['id']}: {p} pixel rows > max_patches={self.max_patches}")
+            return f"sample {sample['id']}: {p} pixel rows > max_patches={self.max_patches}"
+        if n > self.seq_len:
+            return f"sample {sample['id']}: {n} tokens > seq_len={self.seq_len}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPolicy:
+    """What happens to a sample that does not fit: `too_long` "skip" or "truncate" (to seq_len tokens, when
+    every video token and an answer token remain; else skipped); more than `max_skip_fraction` of the
+    samples drawn, and at least of `num_samples` (one epoch), skipped raises SkipBudgetError."""
+
+    too_long: str = "skip"
+    max_skip_fraction: float = 0.0
+    num_samples: int = 0
+    video_token_id: int = -1
+
+    def __post_init__(self):
+        if self.too_long not in TOO_LONG_POLICIES:
+            raise ValueError(f"too_long={self.too_long!r}: expected one of {TOO_LONG_POLICIES}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction={self.max_skip_fraction}: expected a fraction in [0, 1]")
+
+    def truncated(self, sample: dict[str, Any], seq_len: int) -> dict[str, Any] | None:
+        """The sample cut to `seq_len` tokens, or None if that would cut a video token or every answer token."""
+        ids, labels = sample["input_ids"], sample["labels"]
+        video = ids == self.video_token_id
+        if video[seq_len:].any() or not (labels[1:seq_len] != IGNORE).any():
+            return None
+        return sample | {"input_ids": ids[:seq_len], "labels": labels[:seq_len],
+                         "position_ids": sample["position_ids"][:, :seq_len]}
+
+
+def check_lengths(lengths: Sequence[Sequence[Any]], *, seq_len: int, max_patches: int, merge_size: int,
+                  max_skip_fraction: float) -> list[str]:
+    """Reasons of the samples that fit no batch whatever the tokenizer (more pixel rows than `max_patches` or
+    more video tokens than `seq_len`), from a manifest's `[id, pixel rows, text bytes]` rows; raises
+    SkipBudgetError when they are more than `max_skip_fraction` of all."""
+    reasons = []
+    for sample_id, patches, _ in lengths:
+        if patches > max_patches:
+            reasons.append(f"sample {sample_id}: {patches} pixel rows > max_patches={max_patches}")
+        elif patches // merge_size ** 2 > seq_len:
+            reasons.append(f"sample {sample_id}: {patches // merge_size ** 2} video tokens > seq_len={seq_len}")
+    if len(reasons) > max_skip_fraction * len(lengths):
+        raise SkipBudgetError(f"{len(reasons)} of {len(lengths)} samples can never fit, more than "
+                              f"max_skip_fraction={max_skip_fraction} allows; e.g. {'; '.join(reasons[:_EXAMPLES])}")
+    return reasons
+
+
+def fit_counts(state: dict[str, Any]) -> dict[str, int]:
+    """{"skipped_samples", "truncated_samples"} of a PackedBatchIterator state (empty for other states)."""
+    if not isinstance(state, dict) or "skipped" not in state:
+        return {}
+    return {"skipped_samples": state["skipped"], "truncated_samples": state["truncated"]}
 
 
 def collate(rows: Sequence[Sequence[dict[str, Any]]], spec: PackSpec) -> dict[str, np.ndarray]:
@@ -141,25 +209,58 @@ class PackedBatchIterator(grain.DatasetIterator):
     """Packs the samples of a parent iterator into batches, in order (see the module docstring).
 
     A sample that does not fit the current batch waits for the next one; the state then is the parent's
-    state from before that sample was drawn, so a restored iterator draws it again.
+    state from before that sample was drawn, so a restored iterator draws it again. Samples that fit no
+    batch are handled by `policy` (see FitPolicy) and counted in the state.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, spec: PackSpec):
+    def __init__(self, parent: grain.DatasetIterator, spec: PackSpec, policy: FitPolicy = FitPolicy()):
         super().__init__(parent)
-        self._spec = spec
+        self._spec, self._policy = spec, policy
         self._pending: dict[str, Any] | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._pending_state: dict[str, Any] | None = None  # the state from before the pending sample was drawn
+        self._counts = {"drawn": 0, "skipped": 0, "truncated": 0}
+        self._examples: list[str] = []
+
+    def _fitting(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        """The sample as it goes into a batch (maybe truncated), or None when it is skipped."""
+        self._counts["drawn"] += 1
+        reason = self._spec.misfit(sample)
+        if reason is None:
+            return sample
+        if self._policy.too_long == "truncate" and len(sample["pixels"]) <= self._spec.max_patches:
+            cut = self._policy.truncated(sample, self._spec.seq_len)
+            if cut is not None:
+                self._counts["truncated"] += 1
+                return cut
+        self._skip(reason)
+        return None
+
+    def _skip(self, reason: str) -> None:
+        """Counts a skipped sample; raises SkipBudgetError past the policy's fraction."""
+        c, policy = self._counts, self._policy
+        c["skipped"] += 1
+        self._examples = (self._examples + [reason])[-_EXAMPLES:]
+        limit = policy.max_skip_fraction * max(c["drawn"], policy.num_samples)
+        if c["skipped"] > limit:
+            raise SkipBudgetError(
+                f"{c['skipped']} of {c['drawn']} samples drawn do not fit and were skipped, more than "
+                f"max_skip_fraction={policy.max_skip_fraction} of max({c['drawn']}, {policy.num_samples} samples "
+                f"an epoch) allows; raise data.seq_len / data.max_patches, set data.too_long='truncate', or "
+                f"raise data.max_skip_fraction; e.g. {'; '.join(self._examples)}")
+        if c["skipped"] <= _LOGGED_SKIPS:
+            log.warning("skipping %s (too_long=%s)%s", reason, policy.too_long,
+                        "; further skips are only counted" if c["skipped"] == _LOGGED_SKIPS else "")
 
     def _peek(self) -> dict[str, Any] | None:
-        """The next sample without consuming it; None at the end of the data."""
-        if self._pending is None:
-            state = self._parent.get_state()
+        """The next fitting sample without consuming it; None at the end of the data."""
+        while self._pending is None:
+            state = self._state_now()
             try:
-                sample = next(self._parent)
+                sample = self._fitting(next(self._parent))
             except StopIteration:
                 return None
-            self._spec.check_fits(sample)
-            self._pending, self._pending_state = sample, state
+            if sample is not None:
+                self._pending, self._pending_state = sample, state
         return self._pending
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -183,47 +284,60 @@ class PackedBatchIterator(grain.DatasetIterator):
             raise StopIteration
         return collate(rows, spec)
 
+    def _state_now(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), **self._counts, "examples": list(self._examples)}
+
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._pending_state if self._pending is not None else self._parent.get_state()}
+        return self._pending_state if self._pending is not None else self._state_now()
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._pending = self._pending_state = None
+        self._counts = {k: int(state.get(k, 0)) for k in self._counts}  # states saved before counting lack them
+        self._examples = list(state.get("examples", []))
 
 
 class PackedBatchDataset(grain.IterDataset):
     """`IterDataset` of packed batches over an `IterDataset` of samples."""
 
-    def __init__(self, parent: grain.IterDataset, spec: PackSpec):
+    def __init__(self, parent: grain.IterDataset, spec: PackSpec, policy: FitPolicy = FitPolicy()):
         super().__init__(parent)
-        self._spec = spec
+        self._spec, self._policy = spec, policy
 
     def __iter__(self) -> PackedBatchIterator:
-        return PackedBatchIterator(self._parent.__iter__(), self._spec)
+        return PackedBatchIterator(self._parent.__iter__(), self._spec, self._policy)
+
+
+def _process_records(shard_paths: Sequence[str], process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's serialised records, in file order."""
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(shard_paths)))[
+        process_index::process_count]
 
 
 def samples(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, seed: int = 0,
             process_index: int = 0, process_count: int = 1, num_epochs: int | None = None) -> grain.MapDataset:
     """This process's samples (before packing), shuffled; endless unless `num_epochs` is given."""
     check_tokenizer(tokenizer, config)
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(shard_paths)))
-    ds = ds[process_index::process_count].shuffle(seed=seed).repeat(num_epochs)
+    ds = _process_records(shard_paths, process_index, process_count).shuffle(seed=seed).repeat(num_epochs)
     return ds.map(lambda data: make_sample(decode_record(data), config, tokenizer))
 
 
 def dataset(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, batch_size: int,
             seq_len: int, max_patches: int, samples_per_row: int = 1, seed: int = 0, process_index: int = 0,
             process_count: int = 1, num_epochs: int | None = None, num_threads: int = 2,
-            prefetch: int = 8) -> PackedBatchDataset:
+            prefetch: int = 8, too_long: str = "skip", max_skip_fraction: float = 0.0) -> PackedBatchDataset:
     """The Grain dataset of packed batches for this process; `num_threads` prepare samples ahead, at most
-    `prefetch` of them."""
+    `prefetch` of them; `too_long` and `max_skip_fraction` as in FitPolicy (the default: stop at the first
+    sample that does not fit)."""
     spec = PackSpec(batch_size=batch_size, seq_len=seq_len, max_patches=max_patches,
                     samples_per_row=samples_per_row, patch_dim=config.vision.patch_dim,
                     pad_id=tokenizer.special_ids[ENDOFTEXT])
+    policy = FitPolicy(too_long=too_long, max_skip_fraction=max_skip_fraction, video_token_id=config.video_token_id,
+                       num_samples=len(_process_records(shard_paths, process_index, process_count)))
     ds = samples(shard_paths, config, tokenizer, seed=seed, process_index=process_index,
                  process_count=process_count, num_epochs=num_epochs)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return PackedBatchDataset(ds.to_iter_dataset(read), spec)
+    return PackedBatchDataset(ds.to_iter_dataset(read), spec, policy)
 
 
 def batches(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer,

@@ -22,16 +22,18 @@ import tqdm
 from data import records
 from data.annotations import Annotation, load_annotations
 from data.decode import DecodeSettings, VideoDecodeError, make_record
-from data.shards import Manifest, ShardInfo, ShardWriter, shard_filename
+from data.shards import Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename
 from data.tfds_builder import write_dataset_info
 
 
-def _encode_or_fail(annotation: Annotation, video_root: str, settings: DecodeSettings) -> bytes | dict[str, Any]:
-    """Serialised record, or the failure entry of a video that cannot be decoded."""
+def _encode_or_fail(annotation: Annotation, video_root: str,
+                    settings: DecodeSettings) -> tuple[bytes, list[Any]] | dict[str, Any]:
+    """(serialised record, its manifest lengths row), or the failure entry of a video that cannot be decoded."""
     try:
-        return records.encode_record(make_record(annotation, video_root, settings))
+        record = make_record(annotation, video_root, settings)
     except VideoDecodeError as e:
         return {"id": annotation.id, "video": annotation.video, "line": annotation.line, "error": str(e)}
+    return records.encode_record(record), sample_lengths(record)
 
 
 def _open_manifest(out_dir: str, fresh: Manifest) -> Manifest:
@@ -69,17 +71,18 @@ def predecode(annotations_path: str, video_root: str, out_dir: str, settings: De
         for shard in todo:
             name = shard_filename(shard, manifest.num_shards, split)
             writer = ShardWriter(os.path.join(out_dir, name))
-            failures = []
+            failures, lengths = [], []
             for _ in manifest.shard_range(shard):
                 result = next(results)
-                if isinstance(result, bytes):
-                    writer.write(result)
+                if isinstance(result, tuple):
+                    writer.write(result[0])
+                    lengths.append(result[1])
                 else:
                     logging.warning("skipping %s (line %d): %s", result["id"], result["line"], result["error"])
                     failures.append(result)
                 bar.update()
             manifest.shards[shard] = ShardInfo(file=name, num_records=writer.num_records,
-                                               num_bytes=writer.commit(), failures=failures)
+                                               num_bytes=writer.commit(), failures=failures, samples=lengths)
             manifest.save(out_dir)
     manifest.save(out_dir)
     write_dataset_info(out_dir, manifest)

@@ -3,7 +3,7 @@
 A directory written by `launch/predecode.py` holds, for dataset `video_qa_frames` and split `train`:
 
     video_qa_frames-train.array_record-00000-of-00012   ArrayRecord shards of `data.records` (TFDS naming)
-    manifest.json                                      settings, per-shard record counts and failures
+    manifest.json                                      settings; per shard: records, failures, sample lengths
     failures.jsonl                                     one line per video that could not be decoded
     dataset_info.json, features.json                   TFDS metadata, written once every shard is done
 
@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 DATASET_NAME = "video_qa_frames"
@@ -51,12 +52,19 @@ class ShardWriter:
         return os.path.getsize(self.path)
 
 
+def sample_lengths(record: dict[str, Any]) -> list[Any]:
+    """A record's row of `ShardInfo.samples`: [id, pixel rows (patches), UTF-8 bytes of its conversation]."""
+    text = sum(len(turn["value"].encode()) for turn in record["conversations"])
+    return [record["id"], int(np.prod(record["grid_thw"])), text]
+
+
 @dataclasses.dataclass
 class ShardInfo:
     file: str
     num_records: int
     num_bytes: int
     failures: list[dict[str, Any]]  # {"id", "video", "line", "error"} per skipped annotation
+    samples: list[list[Any]] = dataclasses.field(default_factory=list)  # sample_lengths of each record, in order
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from data.pipeline import fit_counts
 from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
 from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
@@ -68,12 +69,20 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
                                 seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps),
                                 text_vocab=d.text_vocab)
     if d.source == "shards":
-        from data.pipeline import batches
-        from data.shards import shard_paths
-        return batches(shard_paths(d.shards_dir), model_cfg, make_tokenizer(config, model_cfg),
+        from data.pipeline import batches, check_lengths
+        from data.shards import Manifest, shard_paths
+        paths = shard_paths(d.shards_dir)
+        manifest = Manifest.load(d.shards_dir)
+        misfits = check_lengths([row for i in sorted(manifest.shards) for row in manifest.shards[i].samples],
+                                seq_len=d.seq_len, max_patches=d.max_patches // count,
+                                merge_size=model_cfg.vision.spatial_merge_size, max_skip_fraction=d.max_skip_fraction)
+        if misfits:
+            log.warning("%d samples of %s never fit and will be skipped, e.g. %s", len(misfits), d.shards_dir,
+                        "; ".join(misfits[:5]))
+        return batches(paths, model_cfg, make_tokenizer(config, model_cfg),
                        batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count,
                        samples_per_row=d.samples_per_row, seed=d.seed, process_index=jax.process_index(),
-                       process_count=count)
+                       process_count=count, too_long=d.too_long, max_skip_fraction=d.max_skip_fraction)
     raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'shards'")
 
 
@@ -154,6 +163,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
                       "finite": bool(finite), "learning_rate": float(schedule(step)),
                       "tokens_per_s": sum(a + b for a, b in counts) * jax.process_count() / (now - last),
                       "step_time_s": now - last}
+            record.update(fit_counts(data.get_state()))
             if peak:
                 record["mfu"] = step_flops * jax.process_count() / (now - last) / (peak * jax.device_count())
             last = now
