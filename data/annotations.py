@@ -2,7 +2,8 @@
 
 An entry is `{"id": str, "video": str, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`; the
 video placeholder (`<video>`, or `<image>` as the LLaVA-Video release writes it) appears exactly once, in a
-human turn. Malformed entries stop loading with an `AnnotationError` naming the file and line.
+human turn. Malformed entries, and a file that is not UTF-8, stop loading with an `AnnotationError` naming the
+file and line; a missing file raises `DataError`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import os
 import re
 from typing import Any, Iterator
 
+from data.errors import DataError
+
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDERS = (VIDEO_PLACEHOLDER, "<image>")
 _ROLES = ("human", "gpt")
 _WS = re.compile(r"[ \t\r\n]*")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DataError):
     """A malformed annotation file or entry; the message starts with `path:line:`."""
 
     def __init__(self, path: str, line: int, reason: str):
@@ -120,11 +123,25 @@ def _jsonl_entries(path: str, text: str) -> Iterator[tuple[int, Any]]:
                 raise AnnotationError(path, line, f"invalid JSON ({e.msg})") from None
 
 
+def _read_text(path: str) -> str:
+    """The file's UTF-8 text; DataError when it is missing, AnnotationError when it is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"annotation file {path}: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(path, raw.count(b"\n", 0, e.start) + 1,
+                              f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                              "re-encode the file as UTF-8") from None
+
+
 def load_annotations(path: str | os.PathLike) -> list[Annotation]:
     """All entries of a JSON list or JSONL annotation file, validated; raises AnnotationError."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     entries = _json_list_entries if text.lstrip().startswith("[") else _jsonl_entries
     out = []
     for line, entry in entries(path, text):

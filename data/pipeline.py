@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from data.errors import DataError
 from data.records import decode_record
 from nsa_jax import processing
 from nsa_jax.chat import encode_chat
@@ -57,7 +59,7 @@ _EXAMPLES = 5  # reasons of skipped samples kept for the error message
 log = logging.getLogger(__name__)
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(DataError):
     """A sample that does not fit the configured sequence length or pixel budget."""
 
 
@@ -66,12 +68,12 @@ class SkipBudgetError(SampleTooLongError):
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> None:
-    """Raises ValueError unless the tokenizer's vision tokens have the ids the model config expects."""
+    """Raises DataError unless the tokenizer's vision tokens have the ids the model config expects."""
     expected = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,
                 VIDEO_PAD: config.video_token_id}
     wrong = {t: (tokenizer.special_ids.get(t), i) for t, i in expected.items() if tokenizer.special_ids.get(t) != i}
     if wrong:
-        raise ValueError("the tokenizer's vision tokens do not match the model config (token: tokenizer id, "
+        raise DataError("the tokenizer's vision tokens do not match the model config (token: tokenizer id, "
                          f"config id): {wrong}; the video features would never reach the model")
 
 
@@ -332,8 +334,12 @@ def dataset(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenize
     spec = PackSpec(batch_size=batch_size, seq_len=seq_len, max_patches=max_patches,
                     samples_per_row=samples_per_row, patch_dim=config.vision.patch_dim,
                     pad_id=tokenizer.special_ids[ENDOFTEXT])
+    num_samples = len(_process_records(shard_paths, process_index, process_count))
+    if not num_samples:
+        raise DataError(f"{os.path.dirname(shard_paths[0])}: process {process_index} of {process_count} gets no "
+                        "record (fewer records than processes)")
     policy = FitPolicy(too_long=too_long, max_skip_fraction=max_skip_fraction, video_token_id=config.video_token_id,
-                       num_samples=len(_process_records(shard_paths, process_index, process_count)))
+                       num_samples=num_samples)
     ds = samples(shard_paths, config, tokenizer, seed=seed, process_index=process_index,
                  process_count=process_count, num_epochs=num_epochs)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

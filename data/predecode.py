@@ -4,7 +4,8 @@ Videos are decoded in a process pool (ordered, one task per annotation); the mai
 shard's records into a temporary file and renames it when the shard is complete, then records it in the
 manifest. A rerun on the same directory skips the shards the manifest lists. A video that cannot be
 decoded is logged, listed in `failures.jsonl` and skipped; a malformed annotation stops the job before
-any decoding with an `AnnotationError` naming the file and line.
+any decoding with an `AnnotationError` naming the file and line, and a missing annotation file or video
+root, an empty annotation list or a bad setting with a `DataError` naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tqdm
 from data import records
 from data.annotations import Annotation, load_annotations
 from data.decode import DecodeSettings, VideoDecodeError, make_record
+from data.errors import DataError
 from data.shards import Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename
 from data.tfds_builder import write_dataset_info
 
@@ -36,6 +38,18 @@ def _encode_or_fail(annotation: Annotation, video_root: str,
     return records.encode_record(record), sample_lengths(record)
 
 
+def _checked_inputs(annotations_path: str, video_root: str, shard_size: int) -> list[Annotation]:
+    """The annotations, after checking the arguments; raises DataError naming the one at fault."""
+    if shard_size < 1:
+        raise DataError(f"shard_size={shard_size}: must be at least 1")
+    if not os.path.isdir(video_root):
+        raise DataError(f"video_root {video_root}: not a directory")
+    annotations = load_annotations(annotations_path)
+    if not annotations:
+        raise DataError(f"annotation file {annotations_path}: no annotations")
+    return annotations
+
+
 def _open_manifest(out_dir: str, fresh: Manifest) -> Manifest:
     """The directory's manifest if it was made from the same inputs and settings, else `fresh`."""
     if not os.path.exists(os.path.join(out_dir, "manifest.json")):
@@ -44,7 +58,7 @@ def _open_manifest(out_dir: str, fresh: Manifest) -> Manifest:
     keys = ("annotations", "video_root", "settings", "num_annotations", "shard_size", "split")
     diff = [k for k in keys if getattr(existing, k) != getattr(fresh, k)]
     if diff:
-        raise ValueError(f"{out_dir} holds shards made with other {', '.join(diff)} "
+        raise DataError(f"{out_dir} holds shards made with other {', '.join(diff)} "
                          f"({', '.join(f'{k}={getattr(existing, k)!r}' for k in diff)}); use a new --out_dir")
     return existing
 
@@ -56,7 +70,7 @@ def predecode(annotations_path: str, video_root: str, out_dir: str, settings: De
 
     `num_workers=0` decodes in this process.
     """
-    annotations = load_annotations(annotations_path)
+    annotations = _checked_inputs(annotations_path, video_root, shard_size)
     os.makedirs(out_dir, exist_ok=True)
     manifest = _open_manifest(out_dir, Manifest(
         annotations=os.path.abspath(annotations_path), video_root=os.path.abspath(video_root),

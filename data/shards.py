@@ -7,8 +7,9 @@ A directory written by `launch/predecode.py` holds, for dataset `video_qa_frames
     failures.jsonl                                     one line per video that could not be decoded
     dataset_info.json, features.json                   TFDS metadata, written once every shard is done
 
-A shard is written under a temporary name and renamed when complete, then recorded in the manifest, so
-a shard listed there is whole.
+A shard is written under a temporary name and renamed when complete, then recorded in the manifest with
+its size and record count; `verify_shard` checks a file against them (before training, and when predecode
+resumes), so a deleted, truncated or replaced shard is caught and named.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ import os
 from typing import Any
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from data.errors import DataError
 
 DATASET_NAME = "video_qa_frames"
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 WRITER_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: cheap random access
+
+
+class ShardError(DataError):
+    """A dataset directory, manifest or shard that cannot be used; the message names the file."""
 
 
 def shard_filename(index: int, num_shards: int, split: str = "train") -> str:
@@ -104,8 +111,15 @@ class Manifest:
 
     @classmethod
     def load(cls, out_dir: str) -> "Manifest":
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            d = json.load(f)
+        """The manifest of `out_dir`; ShardError naming the file when it is missing or unreadable."""
+        path = os.path.join(out_dir, MANIFEST)
+        if not os.path.isfile(path):
+            raise ShardError(f"{out_dir}: no {MANIFEST}; not a launch/predecode.py output directory")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{path}: unreadable manifest ({e})") from None
         shards = {int(i): ShardInfo(**s) for i, s in d.pop("shards").items()}
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields}, shards=shards)
@@ -117,10 +131,37 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def verify_shard(out_dir: str, info: ShardInfo) -> str | None:
+    """What is wrong with a shard file against its manifest entry (missing, size, record count), or None."""
+    path = os.path.join(out_dir, info.file)
+    if not os.path.isfile(path):
+        return f"{path}: missing"
+    size = os.path.getsize(path)
+    if size != info.num_bytes:
+        return f"{path}: {size} bytes, the manifest says {info.num_bytes} (truncated or replaced)"
+    try:
+        reader = ArrayRecordReader(path)
+        count = reader.num_records()
+        reader.close()
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported with the file
+        return f"{path}: unreadable ({type(e).__name__}: {e})"
+    if count != info.num_records:
+        return f"{path}: {count} records, the manifest says {info.num_records}"
+    return None
+
+
 def shard_paths(out_dir: str) -> list[str]:
-    """Paths of all shards of a completed dataset directory, in order."""
+    """Paths of all shards of a completed dataset directory, in order, each checked by `verify_shard`;
+    raises ShardError naming what is wrong."""
     manifest = Manifest.load(out_dir)
     if not manifest.complete:
-        raise ValueError(f"{out_dir}: only {len(manifest.shards)} of {manifest.num_shards} shards are done; "
+        raise ShardError(f"{out_dir}: only {len(manifest.shards)} of {manifest.num_shards} shards are done; "
                          "run launch/predecode.py again to finish it")
+    bad = [p for p in (verify_shard(out_dir, manifest.shards[i]) for i in range(manifest.num_shards)) if p]
+    if bad:
+        raise ShardError(f"{len(bad)} of {manifest.num_shards} shards do not match {os.path.join(out_dir, MANIFEST)}"
+                         f": {'; '.join(bad[:5])}; run launch/predecode.py again to rewrite them")
+    if not sum(s.num_records for s in manifest.shards.values()):
+        raise ShardError(f"{out_dir}: no records: all {manifest.num_annotations} videos failed to decode "
+                         f"(see {os.path.join(out_dir, FAILURES)})")
     return [os.path.join(out_dir, manifest.shards[i].file) for i in range(manifest.num_shards)]

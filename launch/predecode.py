@@ -15,8 +15,8 @@ import sys
 
 from absl import app, flags
 
-from data.annotations import AnnotationError
 from data.decode import DecodeSettings
+from data.errors import DataError
 from data.predecode import predecode
 from data.shards import FAILURES
 
@@ -42,7 +42,7 @@ def main(argv) -> None:
     try:
         manifest = predecode(FLAGS.annotations, FLAGS.video_root, FLAGS.out_dir, settings,
                              shard_size=FLAGS.shard_size, num_workers=FLAGS.num_workers)
-    except AnnotationError as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
     records = sum(s.num_records for s in manifest.shards.values())
     print(f"{FLAGS.out_dir}: {records} records in {manifest.num_shards} shards; "

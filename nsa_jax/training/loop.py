@@ -25,6 +25,7 @@ from nsa_jax.training.prefetch import Prefetched
 from nsa_jax.training.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
 from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
+from nsa_jax.training.validation import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
                        batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count,
                        samples_per_row=d.samples_per_row, seed=d.seed, process_index=jax.process_index(),
                        process_count=count, too_long=d.too_long, max_skip_fraction=d.max_skip_fraction)
-    raise ValueError(f"data.source {d.source!r}: expected 'synthetic' or 'shards'")
+    raise ConfigError(f"config.data.source={d.source!r}: expected 'synthetic' or 'shards'")
 
 
 class StopSignal:
@@ -103,10 +104,13 @@ class StopSignal:
 def train(config: Any, workdir: str) -> list[dict[str, float]]:
     """Trains per `config`, writing checkpoints, metrics.jsonl and TensorBoard events under workdir.
 
-    Returns the metrics of the steps run by this call. Raises NonFiniteError after `train.max_bad_steps`
-    consecutive non-finite steps and CheckpointError when the checkpoint to resume from is unreadable.
+    Returns the metrics of the steps run by this call. Raises ConfigError naming the fields of a config that
+    cannot work (before any work), DataError (data/errors.py) naming the file or sample of bad data,
+    NonFiniteError after `train.max_bad_steps` consecutive non-finite steps and CheckpointError when the
+    checkpoint to resume from is unreadable or was made by another config.
     """
     maybe_initialize_distributed(config.distributed)
+    validate_config(config, jax.process_count())
     t = config.train
     mesh = make_mesh(dict(config.mesh))
     model_cfg = model_config(config.model.preset, nsa_config(config.model.nsa))
