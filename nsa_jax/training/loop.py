@@ -126,7 +126,8 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     shardings = state_shardings(abstract, mesh)
     data = make_data(config, model_cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-                        save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)
+                        save_every=config.checkpoint.every, async_save=config.checkpoint.async_save,
+                        config=json.loads(config.to_json_best_effort()))
     resume = config.checkpoint.resume_from_step
     if resume >= 0:
         abandoned = ckpt.set_aside_after(resume, os.path.join(workdir, "abandoned_checkpoints"))
