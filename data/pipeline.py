@@ -1,6 +1,7 @@
 """Grain pipeline from pre-decoded shards to packed, fixed-shape training batches.
 
-Records (`data/records.py`) are read with Grain's ArrayRecord source, split by process (record i goes to
+Records (`data/records.py`) are read with Grain's ArrayRecord source (`ShardRecords`: a read error names
+the shard file), split by process (record i goes to
 process i % process_count), shuffled with a seed (a new order each epoch), and turned into samples: frames
 normalised and patchified as the video processor does, the Qwen2.5-VL chat template with the video pads
 expanded, labels on the answer tokens, and mRoPE ids from `nsa_jax.rope.get_rope_index`. Samples are then
@@ -35,7 +36,9 @@ the model checkpoint (e.g. through `orbax_save_args` / `orbax_restore_args`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import os
 from typing import Any, Sequence
@@ -45,6 +48,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.records import decode_record
+from data.shards import ShardError
 from nsa_jax import processing
 from nsa_jax.chat import encode_chat
 from nsa_jax.config import ModelConfig
@@ -310,10 +314,36 @@ class PackedBatchDataset(grain.IterDataset):
         return PackedBatchIterator(self._parent.__iter__(), self._spec, self._policy)
 
 
+class ShardRecords:
+    """The decoded records of ArrayRecord shards, by global index; a failure to read or parse one raises
+    ShardError naming its file and position."""
+
+    def __init__(self, shard_paths: Sequence[str]):
+        self._paths = list(shard_paths)
+        self._sources = []
+        for path in self._paths:
+            try:
+                self._sources.append(grain.sources.ArrayRecordDataSource(path))
+            except Exception as e:  # noqa: BLE001 - any failure to open is reported with the file
+                raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
+        self._ends = list(itertools.accumulate(len(source) for source in self._sources))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self._ends, index)
+        position = index - (self._ends[shard - 1] if shard else 0)
+        try:
+            return decode_record(self._sources[shard][position])
+        except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file
+            raise ShardError(f"{self._paths[shard]}: record {position} is unreadable ({type(e).__name__}: "
+                             f"{str(e)[:300]}); run launch/predecode.py into a new --out_dir") from e
+
+
 def _process_records(shard_paths: Sequence[str], process_index: int, process_count: int) -> grain.MapDataset:
-    """This process's serialised records, in file order."""
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(shard_paths)))[
-        process_index::process_count]
+    """This process's decoded records, in file order."""
+    return grain.MapDataset.source(ShardRecords(shard_paths))[process_index::process_count]
 
 
 def samples(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, seed: int = 0,
@@ -321,7 +351,7 @@ def samples(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenize
     """This process's samples (before packing), shuffled; endless unless `num_epochs` is given."""
     check_tokenizer(tokenizer, config)
     ds = _process_records(shard_paths, process_index, process_count).shuffle(seed=seed).repeat(num_epochs)
-    return ds.map(lambda data: make_sample(decode_record(data), config, tokenizer))
+    return ds.map(lambda record: make_sample(record, config, tokenizer))
 
 
 def dataset(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, batch_size: int,

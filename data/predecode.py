@@ -2,7 +2,9 @@
 
 Videos are decoded in a process pool (ordered, one task per annotation); the main process streams each
 shard's records into a temporary file and renames it when the shard is complete, then records it in the
-manifest. A rerun on the same directory skips the shards the manifest lists. A video that cannot be
+manifest. A rerun on the same directory skips the shards the manifest lists, after checking each file
+against it (a missing or truncated shard is written again), and refuses a directory made from another
+annotation file content or settings. A video that cannot be
 decoded is logged, listed in `failures.jsonl` and skipped; a malformed annotation stops the job before
 any decoding with an `AnnotationError` naming the file and line, and a missing annotation file or video
 root, an empty annotation list or a bad setting with a `DataError` naming it.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -24,7 +27,7 @@ from data import records
 from data.annotations import Annotation, load_annotations
 from data.decode import DecodeSettings, VideoDecodeError, make_record
 from data.errors import DataError
-from data.shards import Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename
+from data.shards import Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename, verify_shard
 from data.tfds_builder import write_dataset_info
 
 
@@ -36,6 +39,11 @@ def _encode_or_fail(annotation: Annotation, video_root: str,
     except VideoDecodeError as e:
         return {"id": annotation.id, "video": annotation.video, "line": annotation.line, "error": str(e)}
     return records.encode_record(record), sample_lengths(record)
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _checked_inputs(annotations_path: str, video_root: str, shard_size: int) -> list[Annotation]:
@@ -51,15 +59,23 @@ def _checked_inputs(annotations_path: str, video_root: str, shard_size: int) -> 
 
 
 def _open_manifest(out_dir: str, fresh: Manifest) -> Manifest:
-    """The directory's manifest if it was made from the same inputs and settings, else `fresh`."""
+    """The directory's manifest if it was made from the same inputs (annotation file content included) and
+    settings, without the shards that fail `verify_shard`; `fresh` if there is none; DataError if it was
+    made from others."""
     if not os.path.exists(os.path.join(out_dir, "manifest.json")):
         return fresh
     existing = Manifest.load(out_dir)
-    keys = ("annotations", "video_root", "settings", "num_annotations", "shard_size", "split")
+    keys = ("annotations", "annotations_sha256", "video_root", "settings", "num_annotations", "shard_size", "split")
     diff = [k for k in keys if getattr(existing, k) != getattr(fresh, k)]
     if diff:
         raise DataError(f"{out_dir} holds shards made with other {', '.join(diff)} "
-                         f"({', '.join(f'{k}={getattr(existing, k)!r}' for k in diff)}); use a new --out_dir")
+                        f"({', '.join(f'{k}={getattr(existing, k)!r}' for k in diff)}; now "
+                        f"{', '.join(f'{k}={getattr(fresh, k)!r}' for k in diff)}); use a new --out_dir")
+    for i, info in sorted(existing.shards.items()):
+        problem = verify_shard(out_dir, info)
+        if problem:
+            logging.warning("rewriting shard %d: %s", i, problem)
+            del existing.shards[i]
     return existing
 
 
@@ -73,7 +89,8 @@ def predecode(annotations_path: str, video_root: str, out_dir: str, settings: De
     annotations = _checked_inputs(annotations_path, video_root, shard_size)
     os.makedirs(out_dir, exist_ok=True)
     manifest = _open_manifest(out_dir, Manifest(
-        annotations=os.path.abspath(annotations_path), video_root=os.path.abspath(video_root),
+        annotations=os.path.abspath(annotations_path), annotations_sha256=_file_sha256(annotations_path),
+        video_root=os.path.abspath(video_root),
         settings=dataclasses.asdict(settings), num_annotations=len(annotations), shard_size=shard_size, split=split))
     todo = [i for i in range(manifest.num_shards) if i not in manifest.shards]
     tasks = [annotations[k] for i in todo for k in manifest.shard_range(i)]

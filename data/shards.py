@@ -79,6 +79,7 @@ class Manifest:
     """What a dataset directory was made from, and which shards are done."""
 
     annotations: str
+    annotations_sha256: str  # of the annotation file's bytes: other content, same count, is not reused
     video_root: str
     settings: dict[str, Any]  # decoding settings: fps, frame and pixel bounds
     num_annotations: int
@@ -122,6 +123,7 @@ class Manifest:
             raise ShardError(f"{path}: unreadable manifest ({e})") from None
         shards = {int(i): ShardInfo(**s) for i, s in d.pop("shards").items()}
         fields = {f.name for f in dataclasses.fields(cls)}
+        d.setdefault("annotations_sha256", "")  # manifests written before the hash was recorded
         return cls(**{k: v for k, v in d.items() if k in fields}, shards=shards)
 
 
