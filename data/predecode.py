@@ -4,7 +4,8 @@ Videos are decoded in a process pool (ordered, one task per annotation); the mai
 shard's records into a temporary file and renames it when the shard is complete, then records it in the
 manifest. A rerun on the same directory skips the shards the manifest lists, after checking each file
 against it (a missing or truncated shard is written again), and refuses a directory made from another
-annotation file content or settings. A video that cannot be
+annotation file content or settings; a second run on a directory another one is writing stops at once
+(`.predecode.lock`). A video that cannot be
 decoded is logged, listed in `failures.jsonl` and skipped; a malformed annotation stops the job before
 any decoding with an `AnnotationError` naming the file and line, and a missing annotation file or video
 root, an empty annotation list or a bad setting with a `DataError` naming it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import logging
@@ -27,7 +29,7 @@ from data import records
 from data.annotations import Annotation, load_annotations
 from data.decode import DecodeSettings, VideoDecodeError, make_record
 from data.errors import DataError
-from data.shards import Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename, verify_shard
+from data.shards import LOCK, Manifest, ShardInfo, ShardWriter, sample_lengths, shard_filename, verify_shard
 from data.tfds_builder import write_dataset_info
 
 
@@ -84,23 +86,53 @@ def predecode(annotations_path: str, video_root: str, out_dir: str, settings: De
               progress: bool = True) -> Manifest:
     """Writes (or finishes) the shards, manifest and TFDS metadata of `out_dir`; returns the manifest.
 
-    `num_workers=0` decodes in this process.
+    `num_workers=0` decodes in this process. One run at a time per directory: a second raises DataError.
     """
     annotations = _checked_inputs(annotations_path, video_root, shard_size)
     os.makedirs(out_dir, exist_ok=True)
-    manifest = _open_manifest(out_dir, Manifest(
-        annotations=os.path.abspath(annotations_path), annotations_sha256=_file_sha256(annotations_path),
-        video_root=os.path.abspath(video_root),
-        settings=dataclasses.asdict(settings), num_annotations=len(annotations), shard_size=shard_size, split=split))
+    with _exclusive(out_dir):
+        manifest = _open_manifest(out_dir, Manifest(
+            annotations=os.path.abspath(annotations_path), annotations_sha256=_file_sha256(annotations_path),
+            video_root=os.path.abspath(video_root), settings=dataclasses.asdict(settings),
+            num_annotations=len(annotations), shard_size=shard_size, split=split))
+        work = functools.partial(_encode_or_fail, video_root=video_root, settings=settings)
+        _write_shards(out_dir, manifest, annotations, work, num_workers, progress)
+        manifest.save(out_dir)
+        write_dataset_info(out_dir, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: str) -> Iterator[None]:
+    """Holds `out_dir`'s lock file (fcntl) for the block; DataError if another process holds it."""
+    path = os.path.join(out_dir, LOCK)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise DataError(f"{out_dir}: another predecode is writing here (lock {path} held by pid "
+                            f"{f.read().strip() or '?'}); wait for it to finish or use another --out_dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_shards(out_dir: str, manifest: Manifest, annotations: Sequence[Annotation],
+                  work: Callable[[Annotation], Any], num_workers: int, progress: bool) -> None:
+    """Decodes and writes the shards the manifest lacks, recording each in it as it is done."""
     todo = [i for i in range(manifest.num_shards) if i not in manifest.shards]
     tasks = [annotations[k] for i in todo for k in manifest.shard_range(i)]
     logging.info("predecode: %d annotations, %d of %d shards to write", len(annotations), len(todo),
                  manifest.num_shards)
-    work = functools.partial(_encode_or_fail, video_root=video_root, settings=settings)
     with _ordered_map(work, tasks, num_workers) as results, \
             tqdm.tqdm(total=len(tasks), desc="predecode", unit="video", disable=not progress) as bar:
         for shard in todo:
-            name = shard_filename(shard, manifest.num_shards, split)
+            name = shard_filename(shard, manifest.num_shards, manifest.split)
             writer = ShardWriter(os.path.join(out_dir, name))
             failures, lengths = [], []
             for _ in manifest.shard_range(shard):
@@ -115,9 +147,6 @@ def predecode(annotations_path: str, video_root: str, out_dir: str, settings: De
             manifest.shards[shard] = ShardInfo(file=name, num_records=writer.num_records,
                                                num_bytes=writer.commit(), failures=failures, samples=lengths)
             manifest.save(out_dir)
-    manifest.save(out_dir)
-    write_dataset_info(out_dir, manifest)
-    return manifest
 
 
 @contextlib.contextmanager

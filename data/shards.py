@@ -6,6 +6,7 @@ A directory written by `launch/predecode.py` holds, for dataset `video_qa_frames
     manifest.json                                      settings; per shard: records, failures, sample lengths
     failures.jsonl                                     one line per video that could not be decoded
     dataset_info.json, features.json                   TFDS metadata, written once every shard is done
+    .predecode.lock                                    locked by the predecode run writing the directory
 
 A shard is written under a temporary name and renamed when complete, then recorded in the manifest with
 its size and record count; `verify_shard` checks a file against them (before training, and when predecode
@@ -27,6 +28,7 @@ from data.errors import DataError
 DATASET_NAME = "video_qa_frames"
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
+LOCK = ".predecode.lock"  # held (fcntl) by the predecode run writing the directory
 WRITER_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: cheap random access
 
 

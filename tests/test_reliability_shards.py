@@ -67,3 +67,24 @@ def test_a_corrupt_record_names_its_file(made):
     cfg = tiny_config()
     with pytest.raises(ShardError, match=rf"{paths[1]}: record 0 is unreadable"):
         list(pipeline.samples(paths, cfg, ByteTokenizer(cfg.text.vocab_size), num_epochs=1))
+
+
+def test_a_second_predecode_into_the_same_directory_is_refused(made):
+    import fcntl
+
+    from data.shards import LOCK
+    ann, root, out = made
+    before = {p: os.stat(p).st_mtime_ns for p in shard_paths(out)}
+    os.remove(shard_paths(out)[0])  # work the second run would do
+    with open(os.path.join(out, LOCK), "a+") as held:  # the first run, still writing
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("12345")
+        held.flush()
+        with pytest.raises(DataError, match=rf"{out}: another predecode is writing here \(lock .*{LOCK} held by "
+                                            r"pid 12345\)"):
+            predecode(ann, root, out, SETTINGS, shard_size=1, progress=False)
+        assert not any(name.endswith(".tmp") for name in os.listdir(out))
+    predecode(ann, root, out, SETTINGS, shard_size=1, progress=False)  # once it is done, a rerun proceeds
+    after = {p: os.stat(p).st_mtime_ns for p in shard_paths(out)}
+    assert list(after) == list(before) and list(after.values())[1:] == list(before.values())[1:]
