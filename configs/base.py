@@ -13,7 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="float32",  # activations / matmuls; parameters (master weights) stay float32
         attention_impl="",  # dense attention: "" = XLA's choice, "cudnn" = cuDNN flash attention (GPU)
         nsa=ml_collections.ConfigDict(dict(mode="videonsa", block_size=64, block_count=32, window_size=256,
-                                           gate_temperature=0.3, impl="auto", selection="token")),
+                                           gate_temperature=0.3, impl="auto", selection="token",
+                                           videonsa_lse="released",
+                                           layers=ml_collections.config_dict.placeholder(tuple))),
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",  # "synthetic" (nsa_jax.training.synthetic_data) or "shards" (data/pipeline.py)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
+from nsa_jax.generate import answer
 from nsa_jax.inputs import eval_tokenizer, read_video_inputs
 
 flags.DEFINE_string("model", None, "HF or Orbax checkpoint directory.")
@@ -34,7 +35,6 @@ flags.DEFINE_integer("max_frames", 64, "Most frames sampled.")
 flags.DEFINE_integer("min_pixels", 3136, "Fewest pixels per frame.")
 flags.DEFINE_integer("max_pixels", 50176, "Most pixels per frame.")
 flags.DEFINE_integer("max_new_tokens", 16, "Most generated tokens per answer.")
-flags.DEFINE_enum("method", "auto", ["auto", "cache", "recompute"], "Decoder (see nsa_jax/generate.py).")
 flags.DEFINE_integer("process_index", None, "This shard (default jax.process_index()).")
 flags.DEFINE_integer("process_count", None, "Number of shards (default jax.process_count()).")
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port (multi-host without "
@@ -44,20 +44,6 @@ flags.DEFINE_integer("process_id", None, "jax.distributed process id (with --coo
 flags.DEFINE_integer("limit", None, "Only the first N questions.")
 flags.mark_flags_as_required(["model", "questions"])
 FLAGS = flags.FLAGS
-
-
-def answer(model, tokenizer, vision, text: str, *, max_new_tokens: int, method: str = "auto") -> str:
-    """The model's greedy answer to `text` about the video of `vision` (chat template, generation prompt)."""
-    from nsa_jax.chat import encode_chat
-    from nsa_jax.generate import greedy_generate
-    from nsa_jax.tokenizer import ENDOFTEXT, IM_END
-
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-    ids, _ = encode_chat(tokenizer, messages, video_grid_thw=vision.video_grid_thw,
-                         merge_size=model.config.vision.spatial_merge_size, add_generation_prompt=True)
-    eos = [tokenizer.special_ids[IM_END], tokenizer.special_ids[ENDOFTEXT]]
-    tokens = greedy_generate(model, ids, vision, max_new_tokens=max_new_tokens, eos_token_ids=eos, method=method)
-    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def part_path(out: str, index: int, count: int) -> str:
@@ -150,7 +136,7 @@ def main(argv) -> None:
 
     def answer_fn(q) -> str:
         return answer(model, tokenizer, video(os.path.join(FLAGS.video_root, q.video)), prompt_text(q),
-                      max_new_tokens=FLAGS.max_new_tokens, method=FLAGS.method)
+                      max_new_tokens=FLAGS.max_new_tokens)
 
     run_shard(questions, answer_fn, FLAGS.out, index, count)
     if jax.process_count() > 1:

@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax.language import TokenContext
-from nsa_jax.model import Qwen25VL, VisionInput, scatter_vision
-from nsa_jax.rope import mrope_cos_sin
-from nsa_jax.videonsa import NSAAttention, mrope_vision_rows
+from nsa_jax.model import Qwen25VL, VisionInput
+from nsa_jax.videonsa import NSAAttention, nsa_rows
 from pallas_kernels import reference as ref
 from pallas_kernels.layout import head_layout
 
@@ -65,7 +63,8 @@ def branch_weights(attn: NSAAttention, q: jax.Array, k: jax.Array, rows: np.ndar
     out["cmp"] = (_probs(s, vis[None]), np.broadcast_to(vis, (p, *vis.shape)))
     # Selection: the reference's chosen blocks.
     lse = jax.nn.logsumexp(jnp.where(vis[None], s, -jnp.inf), axis=-1)  # [P, T]
-    imp = ref.block_importance(qe, kf, lse.T[None], block_size=nsa.block_size)
+    lse = ref.read_lse(lse.T[None], nsa.videonsa_lse if videonsa else "per_head")
+    imp = ref.block_importance(qe, kf, lse, block_size=nsa.block_size)
     idx = np.asarray(ref.select_blocks(imp, block_size=nsa.block_size, block_count=nsa.block_count,
                                        tie_break="fla" if videonsa else "recent", group_size=p // k.shape[2],
                                        segment_ids=jnp.zeros((1, t), jnp.int32)))[0]  # [T, HKV, S]
@@ -88,12 +87,8 @@ def analyze(model: Qwen25VL, input_ids: np.ndarray, position_ids: np.ndarray, vi
     cfg = model.config
     ids = jnp.asarray(input_ids[:1])
     pos = jnp.asarray(position_ids[:, :1])
-    x = model.language_model.embed_tokens(ids)
-    if videos is not None:
-        x = scatter_vision(x, ids == cfg.video_token_id, model.visual(videos.pixel_values, videos.layout))
-    cos, sin = mrope_cos_sin(pos, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-    ctx = TokenContext(pos, cos, sin, None, None, ids == cfg.video_token_id)
-    vision = np.asarray(mrope_vision_rows(pos) if cfg.nsa.mode == "videonsa" else ctx.vision_mask)[0]
+    x, ctx = model.embed(ids, pos, videos=videos)
+    vision = np.asarray(nsa_rows(cfg.nsa, ctx))[0]
     rows = np.flatnonzero(vision)
     layers = []
     for n, layer in enumerate(model.language_model.layers):
@@ -110,7 +105,7 @@ def analyze(model: Qwen25VL, input_ids: np.ndarray, position_ids: np.ndarray, vi
                 keep = jnp.asarray(vision)[None, :, None, None]
                 q, k = jnp.where(keep, q, 0), jnp.where(keep, k, 0)
             entry["sinks"] = {b: _sinks(w, v, epsilon) for b, (w, v) in branch_weights(attn, q, k, rows).items()}
-        x = layer(x, ctx)
+        _, x = layer(x, ctx)
         layers.append(entry)
     return {"mode": cfg.nsa.mode, "tokens": int(ids.shape[1]), "vision_tokens": int(len(rows)),
             "epsilon": epsilon, "layers": layers}

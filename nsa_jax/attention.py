@@ -75,3 +75,13 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
         outs.append(attend(*args) if rows is None else jax.lax.cond(
             rows[:, start:end].any(), attend, lambda a, b, c: jnp.zeros_like(a), *args))
     return jnp.concatenate(outs, axis=1)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, valid: jax.Array) -> jax.Array:
+    """Causal GQA of a chunk q [B, T, H, D] over cached k, v [B, S, K, D]: query i of row b sees the slots s
+    with valid[b, s] and s <= start[b] + i (the chunk itself sits at slots start[b] ...). Rows with no visible
+    slot return zeros."""
+    t, s = q.shape[1], k.shape[1]
+    mask = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= start[:, None, None] + jnp.arange(t)[None, :, None])
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
+    return jnp.where(mask.any(-1)[..., None, None], out, 0).astype(q.dtype)

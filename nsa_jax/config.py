@@ -77,6 +77,9 @@ class NSAConfig:
     # "token" (each query its own top-k) or "query_block" (SPEC §4's opt-in: one set per block of queries;
     # mode native only).
     selection: str = "token"
+    # Mode videonsa's top-k lse (SPEC §2.11): "released" (the release's reading of the compression lse buffer)
+    # or "per_head" (each head's own).
+    videonsa_lse: str = "released"
 
     def uses_nsa(self, layer: int) -> bool:
         return self.mode != "dense" and (self.layers is None or layer in self.layers)
@@ -143,6 +146,8 @@ class ModelConfig:
             raise ConfigError(f"nsa_mode={self.nsa.mode!r}: expected 'dense', 'videonsa' or 'native'")
         if self.nsa.selection not in ("token", "query_block"):
             raise ConfigError(f"nsa_selection={self.nsa.selection!r}: expected 'token' or 'query_block'")
+        if self.nsa.videonsa_lse not in ("released", "per_head"):
+            raise ConfigError(f"nsa_videonsa_lse={self.nsa.videonsa_lse!r}: expected 'released' or 'per_head'")
         if self.nsa.selection == "query_block" and self.nsa.mode == "videonsa":
             raise ConfigError("nsa_selection='query_block' needs nsa_mode='native' (mode videonsa keeps the "
                               "released per-token selection)")
@@ -195,7 +200,8 @@ class ModelConfig:
                         window_size=int(nsa_field("nsa_window_size", 256)),
                         gate_temperature=float(nsa_field("nsa_gate_temperature", 0.3)),
                         layers=None if layers is None else tuple(layers),
-                        selection=nsa_field("nsa_selection", "token"))
+                        selection=nsa_field("nsa_selection", "token"),
+                        videonsa_lse=nsa_field("nsa_videonsa_lse", "released"))
         return cls(text=TextConfig(**text_kw), vision=VisionConfig(**vision_kw), nsa=nsa,
                    video_time_ids=merged.get("video_time_ids", "truncate"),
                    hf_key_layout=d.get("hf_key_layout", "nested" if "text_config" in d else "flat"),
@@ -236,6 +242,8 @@ class ModelConfig:
                 d["nsa_layers"] = list(self.nsa.layers)
             if self.nsa.selection != "token":
                 d["nsa_selection"] = self.nsa.selection
+            if self.nsa.mode == "videonsa":
+                d["nsa_videonsa_lse"] = self.nsa.videonsa_lse
         return d
 
     @classmethod

@@ -1,13 +1,10 @@
-"""Greedy generation for one sample: the vision tower once, a prefill over the prompt, then text decoding.
+"""Sampling loop over the model's KV cache: `Qwen25VL.prefill` once per prompt, then `decode_step` per token.
 
-Two decoders, both returning what `argmax(model(prefix)[-1])` gives step after step:
-- "cache": a jitted prefill runs the model's own layers over the prompt (NSA for vision in NSA layers) and
-  keeps every layer's K/V in a fixed-size cache [layers, 1, prompt + max_new_tokens, KV heads, D]; each
-  decode step is one jitted call that attends a text token densely to the cached K/V. Exact for dense
-  layers and for mode "native" (text rows take only the dense branch there).
-- "recompute": each step reruns the language model over the exact prefix with the merged vision features
-  reused. Needed for mode "videonsa": its text rows also take the NSA branch, whose compression mask is
-  not causal (SPEC §2.5), so a text row's output depends on how many tokens follow it.
+As the released VideoNSA decodes (SPEC §2.12, HF `generate(use_cache=True)`): the prefill runs every layer's
+own attention over the prompt (the VideoNSA hybrid in NSA layers) and the first answer token comes from its last
+row; each later token attends densely to the cache in every mode. Prompts of one call are prefilled one at a
+time (mode videonsa at their exact length, other modes padded to a multiple of `BUCKET`) and decoded together;
+the cache length is a multiple of `BUCKET`, so compiled steps are reused across prompt lengths.
 Generated text gets mRoPE ids max(prompt ids) + 1 + step on all three axes (transformers' rope_deltas).
 """
 
@@ -15,20 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.attention import dense_attention
-from nsa_jax.language import TokenContext
-from nsa_jax.model import Qwen25VL, VisionInput, scatter_vision
-from nsa_jax.rope import get_rope_index, mrope_cos_sin
+from nsa_jax.model import KVCache, Qwen25VL, VisionInput
+from nsa_jax.rope import get_rope_index
+from nsa_jax.vision import vision_layout
 
-Method = Literal["auto", "cache", "recompute"]
-BUCKET = 64  # prompt and KV-cache lengths are rounded up to this
+BUCKET = 64  # padded prompt and cache lengths are multiples of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +37,57 @@ class VisionPrompt:
     image_grid_thw: np.ndarray | None = None
 
 
-def _vision_inputs(model: Qwen25VL, vision: VisionPrompt) -> tuple[VisionInput | None, VisionInput | None]:
-    from nsa_jax.vision import vision_layout
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0: greedy (argmax). Otherwise softmax(logits / temperature) over the smallest set of tokens
+    whose probability reaches top_p, drawn with keys from `seed`."""
 
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One prompt's continuation: tokens (an EOS included), the logits each was drawn from (float32
+    [n, vocab], if asked for) and the text cut before the first stop string (if a detokenizer was given)."""
+
+    tokens: np.ndarray
+    logits: np.ndarray | None = None
+    text: str | None = None
+
+
+def _bucket(n: int) -> int:
+    return -(-n // BUCKET) * BUCKET
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _prefill(graphdef, state, cache_len: int, ids, positions, length, images, videos):
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(ids.shape[0], cache_len)
+    return model.prefill(ids, positions, length, cache, images=images, videos=videos)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _decode_step(graphdef, state, tokens, positions, cache: KVCache):
+    return nnx.merge(graphdef, state).decode_step(tokens, positions, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
+def _choose(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float) -> jax.Array:
+    """Next tokens [B] from logits [B, vocab]."""
+    if temperature == 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / temperature
+    if top_p < 1:
+        order = jnp.sort(scaled, axis=-1)[:, ::-1]
+        before = jnp.cumsum(jax.nn.softmax(order, -1), -1) - jax.nn.softmax(order, -1)  # mass ranked above
+        cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def _vision_inputs(model: Qwen25VL, vision: VisionPrompt) -> tuple[VisionInput | None, VisionInput | None]:
     vc = model.config.vision
     images = videos = None
     if vision.pixel_values is not None:
@@ -54,154 +97,85 @@ def _vision_inputs(model: Qwen25VL, vision: VisionPrompt) -> tuple[VisionInput |
     return images, videos
 
 
-def _context(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array) -> TokenContext:
+def _cut(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """text before the first stop string, and whether there was one."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def generate(model: Qwen25VL, prompts: Sequence[tuple[Sequence[int] | np.ndarray, VisionPrompt]], *,
+             max_new_tokens: int, eos_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+             detokenize: Callable[[Sequence[int]], str] | None = None, sampling: Sampling = Sampling(),
+             return_logits: bool = False) -> list[Generation]:
+    """Continuations of prompts (token ids [T], vision inputs), decoded together; a row stops after an EOS
+    token, once its text (by `detokenize`) holds a stop string, or after max_new_tokens."""
+    if stop_strings and detokenize is None:
+        raise ValueError("stop_strings need a detokenize function")
+    graphdef, state = nnx.split(model)
     cfg = model.config
-    cos, sin = mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-    vision_mask = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
-    return TokenContext(position_ids, cos, sin, None, None, vision_mask)
-
-
-def _embed(model: Qwen25VL, input_ids: jax.Array, features: dict[str, jax.Array]) -> jax.Array:
-    """Token embeddings with the merged vision features scattered over the image / video pad tokens."""
-    cfg = model.config
-    x = model.language_model.embed_tokens(input_ids)
-    if "image" in features:
-        x = scatter_vision(x, input_ids == cfg.image_token_id, features["image"])
-    if "video" in features:
-        x = scatter_vision(x, input_ids == cfg.video_token_id, features["video"])
-    return x
-
-
-@nnx.jit
-def _vision_features(model: Qwen25VL, images: VisionInput | None, videos: VisionInput | None
-                     ) -> dict[str, jax.Array]:
-    out = {}
-    if images is not None:
-        out["image"] = model.visual(images.pixel_values, images.layout)
-    if videos is not None:
-        out["video"] = model.visual(videos.pixel_values, videos.layout)
-    return out
-
-
-@nnx.jit
-def _last_logits(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array,
-                 features: dict[str, jax.Array]) -> jax.Array:
-    """Logits [vocab] of the last token of the exact prefix input_ids [1, T]."""
-    h = model.language_model(_embed(model, input_ids, features), _context(model, input_ids, position_ids))
-    return model.logits(h[:, -1])[0]
-
-
-@functools.partial(nnx.jit, static_argnames=("cache_len",))
-def _prefill(model: Qwen25VL, input_ids: jax.Array, position_ids: jax.Array, features: dict[str, jax.Array],
-             length: jax.Array, cache_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Logits [vocab] of token `length - 1` and K/V caches [layers, 1, cache_len, KV heads, D] of a prompt whose
-    tokens from `length` on are padding (causal layers: they change nothing before them)."""
-    ctx = _context(model, input_ids, position_ids)
-    x = _embed(model, input_ids, features)
-    t = input_ids.shape[1]
-    ks, vs = [], []
-    for layer in model.language_model.layers:
-        xn = layer.input_layernorm(x)
-        _, k, v = layer.self_attn.qkv(xn, ctx)
-        pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
-        ks.append(jnp.pad(k, pad))
-        vs.append(jnp.pad(v, pad))
-        x = x + layer.self_attn(xn, ctx)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    h = model.language_model.norm(jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False))
-    return model.logits(h)[0], jnp.stack(ks), jnp.stack(vs)
-
-
-@nnx.jit
-def _decode_step(model: Qwen25VL, token: jax.Array, position: jax.Array, index: jax.Array, k_cache: jax.Array,
-                 v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One text token (int32 scalar) at cache slot `index` with mRoPE id `position`: logits and the new caches."""
-    input_ids = token.reshape(1, 1)
-    ctx = _context(model, input_ids, jnp.broadcast_to(position, (3, 1, 1)))
-    x = model.language_model.embed_tokens(input_ids)
-    valid = (jnp.arange(k_cache.shape[2]) <= index)[None]
-    new_k, new_v = [], []
-    for i, layer in enumerate(model.language_model.layers):
-        attn = layer.self_attn
-        xn = layer.input_layernorm(x)
-        q, k, v = attn.qkv(xn, ctx)
-        kc = jax.lax.dynamic_update_slice(k_cache[i], k.astype(k_cache.dtype), (0, index, 0, 0))
-        vc = jax.lax.dynamic_update_slice(v_cache[i], v.astype(v_cache.dtype), (0, index, 0, 0))
-        new_k.append(kc)
-        new_v.append(vc)
-        o = dense_attention(q, kc, vc, causal=False, kv_valid=valid, implementation=attn.implementation)
-        x = x + attn.o_proj(o.reshape(1, 1, -1).astype(x.dtype))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    h = model.language_model.norm(x)
-    return model.logits(h[:, -1])[0], jnp.stack(new_k), jnp.stack(new_v)
-
-
-def resolve_method(model: Qwen25VL, method: Method) -> Literal["cache", "recompute"]:
-    """"auto": the KV cache unless some layer runs mode "videonsa" (whose text rows need the full prefix)."""
-    nsa = model.config.nsa
-    videonsa = nsa.mode == "videonsa" and any(nsa.uses_nsa(i) for i in range(model.config.text.num_hidden_layers))
-    if method == "auto":
-        return "recompute" if videonsa else "cache"
-    if method == "cache" and videonsa:
-        raise ValueError("method='cache' is not exact for nsa mode 'videonsa' (non-causal compression); "
-                         "use 'recompute'")
-    if method not in ("cache", "recompute"):
-        raise ValueError(f"unknown method {method!r}")
-    return method
-
-
-def greedy_generate(model: Qwen25VL, input_ids: Sequence[int] | np.ndarray, vision: VisionPrompt = VisionPrompt(),
-                    *, max_new_tokens: int, eos_token_ids: Sequence[int] = (), method: Method = "auto",
-                    return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Greedy continuation (int32 [n <= max_new_tokens], stopping after the first EOS) of one prompt [T].
-
-    return_logits: also return the logits float32 [n, vocab] each token was chosen from.
-    """
-    ids = np.asarray(input_ids, np.int32).reshape(1, -1)
-    position_ids, _ = get_rope_index(ids, model.config, image_grid_thw=vision.image_grid_thw,
-                                     video_grid_thw=vision.video_grid_thw,
-                                     second_per_grid_ts=vision.second_per_grid_ts)
-    next_id = int(position_ids.max()) + 1
-    features = _vision_features(model, *_vision_inputs(model, vision))
-    eos = set(int(e) for e in eos_token_ids)
-    out: list[int] = []
-    scores: list[jax.Array] = []
-
-    def result():
-        tokens = np.asarray(out, np.int32)
-        if not return_logits:
-            return tokens
-        return tokens, np.asarray(jnp.stack(scores), np.float32).reshape(len(out), -1)
-
-    if max_new_tokens <= 0:
-        return result()
-    t = ids.shape[1]
-    pos = jnp.asarray(position_ids, jnp.int32)
-    if resolve_method(model, method) == "cache":
-        # Prompt and cache padded to multiples of BUCKET, so prompts of similar length share compiled steps.
-        padded = -(-t // BUCKET) * BUCKET
-        cache_len = -(-(padded + max_new_tokens) // BUCKET) * BUCKET
-        pad_ids = np.pad(ids, ((0, 0), (0, padded - t)))
-        pad_pos = jnp.pad(pos, ((0, 0), (0, 0), (0, padded - t)), mode="edge")
-        logits, k_cache, v_cache = _prefill(model, jnp.asarray(pad_ids), pad_pos, features, jnp.int32(t),
-                                            cache_len=cache_len)
-        for step in range(max_new_tokens):
-            token = int(jnp.argmax(logits))
-            out.append(token)
-            scores.append(logits)
-            if token in eos or step == max_new_tokens - 1:
-                break
-            logits, k_cache, v_cache = _decode_step(model, jnp.int32(token), jnp.int32(next_id + step),
-                                                    jnp.int32(t + step), k_cache, v_cache)
-        return result()
-    seq = ids
+    rows = []
+    for ids, vision in prompts:
+        ids = np.asarray(ids, np.int32).reshape(1, -1)
+        pos, _ = get_rope_index(ids, cfg, image_grid_thw=vision.image_grid_thw, video_grid_thw=vision.video_grid_thw,
+                                second_per_grid_ts=vision.second_per_grid_ts)
+        rows.append((ids, np.asarray(pos, np.int32), vision))
+    if max_new_tokens <= 0 or not rows:
+        return [Generation(np.zeros(0, np.int32), np.zeros((0, cfg.text.vocab_size), np.float32) if return_logits
+                           else None, "" if detokenize else None) for _ in rows]
+    padded = [ids.shape[1] if model.exact_prefill else _bucket(ids.shape[1]) for ids, _, _ in rows]
+    cache_len = _bucket(max(padded) + max_new_tokens)
+    logits, caches = [], []
+    for (ids, pos, vision), n in zip(rows, padded):
+        pad = n - ids.shape[1]
+        out = _prefill(graphdef, state, cache_len, jnp.asarray(np.pad(ids, ((0, 0), (0, pad)))),
+                       jnp.asarray(np.pad(pos, ((0, 0), (0, 0), (0, pad)), mode="edge")),
+                       jnp.asarray([ids.shape[1]], jnp.int32), *_vision_inputs(model, vision))
+        logits.append(out[0])
+        caches.append(out[1])
+    cache = caches[0] if len(caches) == 1 else KVCache.concatenate(caches)
+    del caches
+    logits = jnp.concatenate(logits, 0)
+    next_ids = np.asarray([int(pos.max()) + 1 for _, pos, _ in rows], np.int32)
+    key = jax.random.key(sampling.seed)
+    eos = {int(e) for e in eos_token_ids}
+    tokens: list[list[int]] = [[] for _ in rows]
+    scores: list[list[np.ndarray]] = [[] for _ in rows]
+    done = [False] * len(rows)
     for step in range(max_new_tokens):
-        logits = _last_logits(model, jnp.asarray(seq), pos, features)
-        token = int(jnp.argmax(logits))
-        out.append(token)
-        scores.append(logits)
-        if token in eos:
+        chosen = _choose(logits, jax.random.fold_in(key, step), temperature=sampling.temperature,
+                         top_p=sampling.top_p)
+        host, host_logits = np.asarray(chosen), np.asarray(logits, np.float32) if return_logits else None
+        for b in range(len(rows)):
+            if done[b]:
+                continue
+            tokens[b].append(int(host[b]))
+            if return_logits:
+                scores[b].append(host_logits[b])
+            done[b] = int(host[b]) in eos or (bool(stop_strings) and _cut(detokenize(tokens[b]), stop_strings)[1])
+        if all(done) or step == max_new_tokens - 1:
             break
-        seq = np.concatenate([seq, [[token]]], axis=1).astype(np.int32)
-        pos = jnp.concatenate([pos, jnp.full((3, 1, 1), next_id + step, jnp.int32)], axis=2)
-    return result()
+        positions = jnp.asarray(np.broadcast_to(next_ids + step, (3, len(rows))))
+        logits, cache = _decode_step(graphdef, state, chosen, positions, cache)
+    results = []
+    for b in range(len(rows)):
+        text = _cut(detokenize(tokens[b]), stop_strings)[0] if detokenize else None
+        logit_rows = np.stack(scores[b]) if return_logits else None
+        results.append(Generation(np.asarray(tokens[b], np.int32), logit_rows, text))
+    return results
+
+
+def answer(model: Qwen25VL, tokenizer, vision: VisionPrompt, text: str, *, max_new_tokens: int,
+           stop_strings: Sequence[str] = ()) -> str:
+    """The model's greedy answer to `text` about the video of `vision`: the chat template with the video
+    before the text and a generation prompt, stopping at the end-of-turn token or a stop string."""
+    from nsa_jax.chat import encode_chat
+    from nsa_jax.tokenizer import ENDOFTEXT, IM_END
+
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    ids, _ = encode_chat(tokenizer, messages, video_grid_thw=vision.video_grid_thw,
+                         merge_size=model.config.vision.spatial_merge_size, add_generation_prompt=True)
+    eos = [tokenizer.special_ids[IM_END], tokenizer.special_ids[ENDOFTEXT]]
+    detokenize = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
+    out = generate(model, [(ids, vision)], max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                   stop_strings=stop_strings, detokenize=detokenize)[0]
+    return out.text.strip()

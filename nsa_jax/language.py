@@ -1,4 +1,11 @@
-"""Qwen2 language model with multimodal rotary embeddings; attention per layer is dense or VideoNSA."""
+"""Qwen2 language model with multimodal rotary embeddings; attention per layer is dense or VideoNSA.
+
+Every layer takes an optional KV cache (`LayerCache`) and returns it updated, `layer_cache, x = layer(x, ctx,
+layer_cache)`: a chunk's rotated k, v are written at slot `ctx.cache_start`. Without `ctx.cache_valid` (a
+prefill) the chunk attends within itself through the layer's own attention (dense or the VideoNSA hybrid);
+with it (decoding) the chunk attends densely (causal GQA) to every visible cached token, as the released
+VideoNSA decodes (SPEC §2.12: a decode step's token is text, so it takes the pure dense path in every mode).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from nsa_jax.attention import dense_attention
+from nsa_jax.attention import cached_attention, dense_attention
 from nsa_jax.config import ModelConfig, TextConfig
 from nsa_jax.head_parallel import head_parallel
 from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks
@@ -25,6 +32,21 @@ class TokenContext(NamedTuple):
     segment_ids: jax.Array | None  # [B, T] packed samples (0 = padding) or None
     kv_valid: jax.Array | None  # [B, T] keys that exist (padding masked) or None
     vision_mask: jax.Array  # [B, T] bool: image / video pad tokens
+    cache_start: jax.Array | None = None  # [B] int32: the cache slot of each row's first chunk token
+    cache_valid: jax.Array | None = None  # [B, S] bool: cached slots the chunk may see (None: a prefill)
+
+
+class LayerCache(NamedTuple):
+    """One layer's (or, stacked, every layer's) rotated keys and values [(L,) B, S, K, D]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> "LayerCache":
+        """k, v [B, T, K, D] written at slots start[b] .. start[b] + T - 1 of each row."""
+        put = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
+                                                                                  s, axis=0))
+        return LayerCache(put(self.k, k, start), put(self.v, v, start))
 
 
 class DenseAttention(nnx.Module):
@@ -50,13 +72,25 @@ class DenseAttention(nnx.Module):
         cos, sin = ctx.cos.astype(x.dtype), ctx.sin.astype(x.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: TokenContext, cache: LayerCache | None = None
+                 ) -> tuple[LayerCache | None, jax.Array]:
+        """(updated cache, output [B, T, E]); see the module docstring for the cache."""
         q, k, v = self.qkv(x, ctx)
+        if cache is not None:
+            cache = cache.write(k, v, ctx.cache_start)
+        if cache is not None and ctx.cache_valid is not None:
+            o = cached_attention(q, cache.k, cache.v, ctx.cache_start, ctx.cache_valid)
+        else:
+            o = self.attend(q, k, v, x, ctx)
+        return cache, self.o_proj(o.reshape(*x.shape[:2], -1).astype(x.dtype))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        """The attention core over the chunk itself: causal GQA, [B, T, H, D]."""
+        del x
         attend = lambda q, k, v, segment_ids, kv_valid: dense_attention(
             q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=self.implementation)
-        o = head_parallel(self.mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
-                          num_kv_heads=self.num_kv_heads)
-        return self.o_proj(o.reshape(*x.shape[:2], -1))
+        return head_parallel(self.mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
+                             num_kv_heads=self.num_kv_heads)
 
 
 class DecoderLayer(nnx.Module):
@@ -73,9 +107,11 @@ class DecoderLayer(nnx.Module):
             self.self_attn = DenseAttention(t, **kw)
         self.mlp = GatedMLP(t.hidden_size, t.intermediate_size, t.hidden_act, bias=False, **kw)
 
-    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: jax.Array, ctx: TokenContext, cache: LayerCache | None = None
+                 ) -> tuple[LayerCache | None, jax.Array]:
+        cache, h = self.self_attn(self.input_layernorm(x), ctx, cache)
+        x = x + h
+        return cache, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TextModel(nnx.Module):
@@ -90,5 +126,18 @@ class TextModel(nnx.Module):
             cfg, nsa, rngs=r, dtype=dtype, param_dtype=param_dtype), rngs))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
-        return self.norm(run_blocks(self.layers, x, lambda layer, h: layer(h, ctx)))
+    def __call__(self, x: jax.Array, ctx: TokenContext, cache: LayerCache | None = None
+                 ) -> tuple[LayerCache | None, jax.Array]:
+        """(updated cache, final hidden states); cache: every layer's, stacked on a leading axis."""
+        def step(layer, h, layer_cache):
+            layer_cache, h = layer(h, ctx, layer_cache)
+            return h, layer_cache
+
+        h, cache = run_blocks(self.layers, x, step, cache)
+        return cache, self.norm(h)
+
+    def init_cache(self, batch: int, length: int, dtype) -> LayerCache:
+        """An empty cache of `length` slots per row for every layer."""
+        cfg = self.layers[0].self_attn
+        shape = (len(self.layers), batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,17 +78,20 @@ def make_blocks(kinds: Sequence, make: Callable[..., nnx.Module], rngs: nnx.Rngs
     return blocks
 
 
-def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, call: Callable[[nnx.Module, jax.Array], jax.Array]
-               ) -> jax.Array:
-    """x through `call(block, x)` for each block in order: one `lax.scan` over the stacked parameters when
-    the blocks share a structure (one compiled block: compile time does not grow with depth), else a loop."""
+def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, call: Callable, xs: Any = None) -> tuple[jax.Array, Any]:
+    """x through `x, y = call(block, x, xs_i)` for each block in order, with xs_i the block's slice of `xs` (a
+    pytree with a leading block axis, or None); returns (x, the y's stacked). One `lax.scan` over the stacked
+    parameters when the blocks share a structure (one compiled block: compile time does not grow with
+    depth), else a loop."""
     parts = [nnx.split(block) for block in blocks]
     if not parts:
-        return x
+        return x, xs
     graphdef = parts[0][0]
     if len(parts) == 1 or any(g != graphdef for g, _ in parts[1:]):
-        for block in blocks:
-            x = call(block, x)
-        return x
+        ys = []
+        for i, block in enumerate(blocks):
+            x, y = call(block, x, jax.tree.map(lambda a, i=i: a[i], xs))
+            ys.append(y)
+        return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in parts))
-    return jax.lax.scan(lambda h, state: (call(nnx.merge(graphdef, state), h), None), x, stacked)[0]
+    return jax.lax.scan(lambda h, args: call(nnx.merge(graphdef, args[0]), h, args[1]), x, (stacked, xs))

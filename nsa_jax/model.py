@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.language import TextModel, TokenContext
+from nsa_jax.language import LayerCache, TextModel, TokenContext
 from nsa_jax.layers import linear
 from nsa_jax.rope import get_rope_index, mrope_cos_sin
 from nsa_jax.vision import VisionLayout, VisionTower, vision_layout
@@ -27,6 +28,21 @@ class VisionInput(NamedTuple):
     pixel_values: jax.Array  # [N, C*T*P*P], or [K, R, C*T*P*P] in chunks
     layout: VisionLayout
     token_order: jax.Array | None = None  # [K * R / merge^2] int32 when in chunks
+
+
+class KVCache(NamedTuple):
+    """Rotated keys and values of every token so far (every layer's, stacked) and which slots hold one."""
+
+    layers: LayerCache  # k, v [L, B, S, K, D]
+    valid: jax.Array  # [B, S] bool: slots holding a real token
+    end: jax.Array  # [B] int32: each row's next free slot
+
+    @staticmethod
+    def concatenate(caches: list["KVCache"]) -> "KVCache":
+        """The rows of several caches (same length) as one cache."""
+        rows = lambda axis, *a: jnp.concatenate(a, axis)
+        return KVCache(jax.tree.map(functools.partial(rows, 1), *(c.layers for c in caches)),
+                       rows(0, *(c.valid for c in caches)), rows(0, *(c.end for c in caches)))
 
 
 def scatter_vision(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> jax.Array:
@@ -51,10 +67,11 @@ class Qwen25VL(nnx.Module):
 
     # ------------------------------------------------------------------ jittable core
 
-    def forward(self, input_ids: jax.Array, position_ids: jax.Array, *, images: VisionInput | None = None,
-                videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
-                kv_valid: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
-        """Logits [B, T, vocab] from token ids [B, T] and 3-D position ids [3, B, T] (fixed shapes)."""
+    def embed(self, input_ids: jax.Array, position_ids: jax.Array, *, images: VisionInput | None = None,
+              videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
+              kv_valid: jax.Array | None = None) -> tuple[jax.Array, TokenContext]:
+        """Token embeddings [B, T, E] with the vision features scattered over the image / video pad tokens,
+        and the per-token context of the layers (mRoPE cos / sin of position ids [3, B, T], masks)."""
         cfg = self.config
         x = self.language_model.embed_tokens(input_ids)
         image_mask = input_ids == cfg.image_token_id
@@ -64,11 +81,58 @@ class Qwen25VL(nnx.Module):
         if videos is not None:
             x = scatter_vision(x, video_mask, self.vision_features(videos))
         cos, sin = mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-        ctx = TokenContext(position_ids, cos, sin, segment_ids, kv_valid, image_mask | video_mask)
-        h = self.language_model(x, ctx)
-        if return_hidden:
-            return h
-        return self.logits(h)
+        return x, TokenContext(position_ids, cos, sin, segment_ids, kv_valid, image_mask | video_mask)
+
+    def forward(self, input_ids: jax.Array, position_ids: jax.Array, *, images: VisionInput | None = None,
+                videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
+                kv_valid: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+        """Logits [B, T, vocab] from token ids [B, T] and 3-D position ids [3, B, T] (fixed shapes)."""
+        x, ctx = self.embed(input_ids, position_ids, images=images, videos=videos, segment_ids=segment_ids,
+                            kv_valid=kv_valid)
+        _, h = self.language_model(x, ctx)
+        return h if return_hidden else self.logits(h)
+
+    # ------------------------------------------------------------------ KV cache (SPEC §2.12)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache of `length` slots per row."""
+        return KVCache(self.language_model.init_cache(batch, length, self.dtype),
+                       jnp.zeros((batch, length), bool), jnp.zeros((batch,), jnp.int32))
+
+    def prefill(self, input_ids: jax.Array, position_ids: jax.Array, lengths: jax.Array, cache: KVCache, *,
+                images: VisionInput | None = None, videos: VisionInput | None = None
+                ) -> tuple[jax.Array, KVCache]:
+        """Runs prompts [B, T] (row b's tokens from lengths[b] on are padding) through the layers into an empty
+        cache: (logits [B, vocab] of each row's last prompt token, the cache).
+
+        Each layer attends as in `forward` (the VideoNSA hybrid in NSA layers). Trailing padding changes
+        nothing before it in causal layers; in mode videonsa (non-causal compression) it would, so its prompts
+        come unpadded (`exact_prefill`).
+        """
+        x, ctx = self.embed(input_ids, position_ids, images=images, videos=videos)
+        t = input_ids.shape[1]
+        ctx = ctx._replace(cache_start=jnp.zeros_like(lengths))
+        layers, h = self.language_model(x, ctx, cache.layers)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        valid = cache.valid.at[:, :t].set(jnp.arange(t)[None, :] < lengths[:, None])
+        return self.logits(last), KVCache(layers, valid, lengths.astype(jnp.int32))
+
+    def decode_step(self, tokens: jax.Array, position_ids: jax.Array, cache: KVCache
+                    ) -> tuple[jax.Array, KVCache]:
+        """One token per row, tokens [B] with mRoPE ids [3, B], at slot cache.end of each row: (logits [B, vocab],
+        the cache). The token attends densely to its row's cached tokens and itself (SPEC §2.12)."""
+        x, ctx = self.embed(tokens[:, None], position_ids[:, :, None])
+        valid = cache.valid | (jnp.arange(cache.valid.shape[1])[None, :] == cache.end[:, None])
+        ctx = ctx._replace(cache_start=cache.end, cache_valid=valid)
+        layers, h = self.language_model(x, ctx, cache.layers)
+        return self.logits(h[:, 0]), KVCache(layers, valid, cache.end + 1)
+
+    @property
+    def exact_prefill(self) -> bool:
+        """Whether a prompt's result depends on tokens after it (mode videonsa's non-causal compression), so
+        prefills must run at the prompt's exact length."""
+        nsa = self.config.nsa
+        return nsa.mode == "videonsa" and any(nsa.uses_nsa(i) for i in range(self.config.text.num_hidden_layers))
 
     def vision_features(self, vision: VisionInput) -> jax.Array:
         """Merged tokens [M, E] of the real rows first, in order; chunks run the tower independently (vmap)."""

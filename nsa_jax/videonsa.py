@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.attention import dense_attention, dense_attention_rows
-from nsa_jax.config import ModelConfig
+from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.head_parallel import head_parallel
 from nsa_jax.language import DenseAttention, TokenContext
 from nsa_jax.layers import linear
@@ -28,6 +28,12 @@ def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
     """[B, T] bool: rows whose three mRoPE ids are not all equal (the released model's routing)."""
     t, h, w = position_ids[0], position_ids[1], position_ids[2]
     return ~((t == h) & (t == w))
+
+
+def nsa_rows(nsa: NSAConfig, ctx: TokenContext) -> jax.Array:
+    """[B, T] bool: the rows an NSA layer routes to its NSA branch (mode videonsa: by mRoPE ids; native: the
+    image / video tokens)."""
+    return mrope_vision_rows(ctx.position_ids) if nsa.mode == "videonsa" else ctx.vision_mask
 
 
 class NSAAttention(DenseAttention):
@@ -52,23 +58,23 @@ class NSAAttention(DenseAttention):
         return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=n.block_size,
                              block_count=n.block_count, window_size=n.window_size, segment_ids=segment_ids,
                              causal_compression=not videonsa, head_layout="videonsa" if videonsa else "gqa",
-                             tie_break="fla" if videonsa else "recent", selection=n.selection, impl=n.impl)
+                             tie_break="fla" if videonsa else "recent", selection=n.selection,
+                             lse_reading=n.videonsa_lse if videonsa else "per_head", impl=n.impl)
 
-    def __call__(self, x: jax.Array, ctx: TokenContext) -> jax.Array:
-        q, k, v = self.qkv(x, ctx)
-        rows = dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        """The hybrid over the chunk itself: NSA for the rows `nsa_rows` routes there, dense for the others."""
+        rows = dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid, vision=nsa_rows(self.nsa, ctx))
         if self.nsa.mode == "videonsa":
             # The padded layout pairs query heads with several KV heads: heads stay whole on each device.
-            o = head_parallel(self.mesh, self._videonsa, (q, k, v, self.gate_logits(x)),
-                              dict(rows, vision=mrope_vision_rows(ctx.position_ids)),
-                              num_kv_heads=self.num_kv_heads, split_heads=False)
-        else:
-            o = head_parallel(self.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))),
-                              dict(rows, vision=ctx.vision_mask), num_kv_heads=self.num_kv_heads)
-        return self.o_proj(o.reshape(*x.shape[:2], -1).astype(x.dtype))
+            return head_parallel(self.mesh, self._videonsa, (q, k, v, self.gate_logits(x)), rows,
+                                 num_kv_heads=self.num_kv_heads, split_heads=False)
+        return head_parallel(self.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
+                             num_kv_heads=self.num_kv_heads)
 
     def _videonsa(self, q, k, v, gate_logits, *, vision, segment_ids, kv_valid) -> jax.Array:
-        """Mode videonsa on [B, T] rows: q, k, v, gate logits [B, T, H, 3] and the vision rows [B, T]."""
+        """Mode videonsa on [B, T] rows: q, k, v, gate logits [B, T, H, 3] and the vision rows [B, T]. As the
+        release's `_mixed_attention`, a call whose rows are all vision takes NSA alone (no dense branch)."""
+        all_vision = vision.all()
         vision = vision[..., None, None]  # [B, T, 1, 1]
         gates = jax.nn.sigmoid(jnp.where(vision, gate_logits, 0.0))
         zero = jnp.zeros((), q.dtype)
@@ -76,7 +82,7 @@ class NSAAttention(DenseAttention):
                           gates, nsa_segments(segment_ids), videonsa=True)
         o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=segment_ids,
                                   kv_valid=kv_valid, implementation=self.implementation)
-        return o_nsa + o_dense
+        return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
 
     def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
         """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]."""

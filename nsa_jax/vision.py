@@ -180,5 +180,5 @@ class VisionTower(nnx.Module):
         full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
         for start, stop in runs(full):
             seg = layout.frame_segments if full[start] else layout.window_segments
-            x = run_blocks(self.blocks[start:stop], x, lambda blk, h, seg=seg: blk(h, cos, sin, seg))
+            x, _ = run_blocks(self.blocks[start:stop], x, lambda blk, h, _, seg=seg: (blk(h, cos, sin, seg), None))
         return self.merger(x)[layout.reverse_index]

@@ -8,7 +8,7 @@ import jax
 
 from pallas_kernels import layout as layouts
 from pallas_kernels.backend import kernel_platform, kernel_target
-from pallas_kernels.reference import nsa_reference
+from pallas_kernels.reference import LSE_READINGS, nsa_reference
 from pallas_kernels.segments import validate_segments
 
 IMPLS = ("auto", "reference", "pallas")
@@ -38,7 +38,7 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
                   g_swa: jax.Array, *, block_size: int = 64, block_count: int = 32, window_size: int = 256,
                   segment_ids: jax.Array | None = None, causal_compression: bool = True,
                   head_layout: str = "gqa", tie_break: str = "recent", selection: str = "token",
-                  scale: float | None = None, impl: str = "auto") -> jax.Array:
+                  lse_reading: str = "per_head", scale: float | None = None, impl: str = "auto") -> jax.Array:
     """Native Sparse Attention: g_cmp * compression + g_slc * selection + g_swa * sliding window, per head.
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D] (HQ a multiple of HKV); gates [B, T, HQ]; any T. Returns o
@@ -53,7 +53,10 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
       block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" and
       head_layout "gqa" only); its kernel is block-sparse flash attention (`block_sparse.py` on GPU,
       `tpu_attention.py` on TPU).
-    Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla".
+    lse_reading: the lse the top-k divides each row's block scores by: "per_head" (the row's own) or
+      "released" (SPEC §2.11: the released top-k's reading of flex_attention's [P, T] lse buffer as [T, P],
+      `reference.read_lse`; tie_break "fla" and selection "token" only).
+    Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released".
     impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU for selection
       "query_block" only, interpret mode on CPU) or "auto" (pallas on GPU and, for "query_block", on TPU;
       reference otherwise).
@@ -74,18 +77,23 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     if selection == "query_block" and (tie_break, head_layout) != ("recent", "gqa"):
         raise ValueError(f"selection='query_block' needs tie_break='recent' and head_layout='gqa', got "
                          f"{tie_break!r} and {head_layout!r}")
+    if lse_reading not in LSE_READINGS:
+        raise ValueError(f"lse_reading must be one of {LSE_READINGS}, got {lse_reading!r}")
+    if lse_reading == "released" and (tie_break, selection) != ("fla", "token"):
+        raise ValueError(f"lse_reading='released' (the released top-k) needs tie_break='fla' and selection='token', "
+                         f"got {tie_break!r} and {selection!r}")
     if segment_ids is not None:
         if segment_ids.shape != (b, t):
             raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
         validate_segments(segment_ids, block_size)
     kwargs = dict(block_size=block_size, block_count=block_count, window_size=window_size,
                   segment_ids=segment_ids, causal_compression=causal_compression, tie_break=tie_break,
-                  selection=selection, scale=scale)
+                  selection=selection, lse_reading=lse_reading, scale=scale)
     if resolve_impl(impl, selection) == "reference":
         return nsa_reference(q, k, v, g_cmp, g_slc, g_swa, head_layout_kind=layout.kind, **kwargs)
     if kernel_target() == "tpu":
         from pallas_kernels.nsa_tpu import nsa_tpu
-        del kwargs["tie_break"], kwargs["selection"]  # "recent", "query_block": checked above
+        del kwargs["tie_break"], kwargs["selection"], kwargs["lse_reading"]  # "recent", "query_block", "per_head"
         return nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
     from pallas_kernels.nsa_pallas import nsa_pallas
     return nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)

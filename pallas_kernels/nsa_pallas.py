@@ -13,11 +13,11 @@ from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attentio
 from pallas_kernels.block_sparse_mgpu import supported as mosaic_gpu_supported
 from pallas_kernels.layout import HeadLayout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-from pallas_kernels.reference import mean_pool
+from pallas_kernels.reference import mean_pool, released_lse
 from pallas_kernels.segments import segment_bounds
 from pallas_kernels.selection import SelectionConfig, selection_attention
 from pallas_kernels.topk import select_blocks_chunked
-from pallas_kernels.topk_fused import select_blocks_fused
+from pallas_kernels.topk_fused import select_blocks_fused, visible_blocks
 from pallas_kernels.topk_query_block import select_blocks_query_block
 
 
@@ -55,11 +55,25 @@ def padded_segment_bounds(segment_ids, b: int, t: int, tp: int) -> tuple[jax.Arr
     return _pad_to(lo, 1, tp, t), _pad_to(hi, 1, tp, tp)
 
 
+def topk_lse(lse, lo, hi, *, layout: HeadLayout, block_size: int, causal: bool, reading: str) -> jax.Array:
+    """The lse [B, T, P] each padded row's block scores are divided by (`reference.read_lse`), from the
+    compression kernel's lse of the virtual rows [B, Hv, T]; a padded zero row's softmax spreads evenly over
+    the n blocks it sees: lse log n. lo, hi [B, T] segment bounds."""
+    b, hv, t = lse.shape
+    n = visible_blocks(jnp.arange(t)[None], lo, hi, block_size, causal)
+    zero = jnp.where(n > 0, jnp.log(jnp.maximum(n, 1).astype(jnp.float32)), -jnp.inf)
+    rows = jnp.concatenate([lse.transpose(0, 2, 1), jnp.broadcast_to(
+        zero[..., None], (b, t, layout.padded_heads - hv))], axis=-1)
+    return rows if reading == "per_head" else released_lse(rows, lo, hi)
+
+
 def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_size: int, block_count: int,
-                  tie_break: str, selection: str, causal: bool, scale: float, block_q: int) -> jax.Array:
+                  tie_break: str, selection: str, causal: bool, scale: float, block_q: int,
+                  lse_reading: str = "per_head") -> jax.Array:
     """Chosen blocks [B, N, HKV, next_pow2(block_count)] (-1 = empty, no gradient) of each padded token (N =
     Tp) or, for selection "query_block", of each query block (N = Tp // block_size).
-    qp [B, Tp, HQ, D]; kc32 [B, NBp, HKV, D] float32 block means; lse [B, Hv, Tp]; lop, hip [B, Tp]."""
+    qp [B, Tp, HQ, D]; kc32 [B, NBp, HKV, D] float32 block means; lse [B, Hv, Tp]; lop, hip [B, Tp];
+    lse_reading (tie_break "fla" only): `reference.read_lse`."""
     qp, kc32, lse = (jax.lax.stop_gradient(x) for x in (qp, kc32, lse))
     if selection == "query_block":
         return select_blocks_query_block(qp, kc32, lse, lop, layout=layout, t=t, block_size=block_size,
@@ -67,13 +81,16 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
     if tie_break == "recent":
         return select_blocks_fused(qp, kc32, lse, lop, hip, layout=layout, block_size=block_size,
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
-    idx = select_blocks_chunked(qp[:, :t], kc32, lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout,
-                                block_size=block_size, block_count=block_count, causal=causal, scale=scale)
+    rows = topk_lse(lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout, block_size=block_size, causal=causal,
+                    reading=lse_reading)
+    idx = select_blocks_chunked(qp[:, :t], kc32, rows, lop[:, :t], layout=layout, block_size=block_size,
+                                block_count=block_count, scale=scale)
     return _pad_to(_pad_to(idx, 3, _next_pow2(block_count), -1), 1, qp.shape[1], -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
-               window_size: int, segment_ids, causal_compression: bool, tie_break: str, selection: str, scale):
+               window_size: int, segment_ids, causal_compression: bool, tie_break: str, selection: str,
+               lse_reading: str, scale):
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
@@ -97,7 +114,7 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
 
     idx = choose_blocks(qp, _pad_to(kc32, 1, nbp), lse, lop, hip, t=t, layout=layout, block_size=bs,
                         block_count=block_count, tie_break=tie_break, selection=selection,
-                        causal=causal_compression, scale=scale, block_q=bq)
+                        causal=causal_compression, scale=scale, block_q=bq, lse_reading=lse_reading)
     vrows = np.arange(hv)
     if selection == "query_block":  # gqa layout: virtual heads are the query heads
         lowering = gpu_lowering_name(mosaic_gpu_fits=mosaic_gpu_supported(bs, d, q.dtype))

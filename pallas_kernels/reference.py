@@ -7,7 +7,8 @@ Masks (i query, j key or block, bs block size, seg(.) the segment; blocks never 
   before i); non-causal ("videonsa", as released): iff i <= (j + 1) * bs - 1. Same segment in both.
 - importance (per KV head, summed over its heads): sum_p exp(scale * q_p . k_cmp_j - lse_p) for past blocks
   first_block(seg(i)) <= j < i // bs; the current block i // bs is always chosen ("recent") or scores one
-  per head of the group ("fla", inside fla's network).
+  per head of the group ("fla", inside fla's network). lse_p is row p's own lse, or (lse reading
+  "released", SPEC §2.11) what the released top-k reads: `read_lse`.
 - selection: keys j <= i of the chosen blocks. Window: i - window < j <= i. Same segment everywhere.
 """
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.layout import HeadLayout, head_layout
-from pallas_kernels.segments import default_segments
+from pallas_kernels.segments import default_segments, segment_bounds
 from pallas_kernels.topk_rules import fla_topk, recent_topk
 
 NEG_INF = -jnp.inf
@@ -85,6 +86,36 @@ def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None
     i, j = jnp.arange(t)[:, None], jnp.arange(nb)[None, :]
     past = (j < i // block_size)[None] & (seg[:, :, None] == _block_segments(seg, block_size)[:, None, :])
     return jnp.where(past[:, :, None, :], imp, NEG_INF)
+
+
+LSE_READINGS = ("per_head", "released")
+
+
+def read_lse(lse: jax.Array, reading: str, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The lse [B, T, P] that padded row p of token t divides its block scores by, from the compression
+    branch's lse [B, T, P] (each row's own).
+
+    "per_head": each row's own. "released" (SPEC §2.11): the released top-k reads flex_attention's contiguous
+    [P, L] lse buffer of a sequence of L tokens as if it were [L, P]: row p of token t gets element t * P + p
+    of the buffer, i.e. the lse of row (t * P + p) // L at token (t * P + p) % L. Each segment is its own
+    sequence (positions relative to its start), so packing never changes a sample's result.
+    """
+    if reading == "per_head":
+        return lse
+    if reading != "released":
+        raise ValueError(f"lse reading must be one of {LSE_READINGS}, got {reading!r}")
+    b, t, _ = lse.shape
+    lo, hi = segment_bounds(default_segments(b, t) if segment_ids is None else segment_ids)
+    return released_lse(lse, lo, hi)
+
+
+def released_lse(lse: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """`read_lse(lse, "released")` with the segment bounds lo, hi [B, T] (start, end) given."""
+    b, t, p = lse.shape
+    flat = (jnp.arange(t)[None, :] - lo)[..., None] * p + jnp.arange(p)  # [B, T, P] index into the buffer
+    n = (hi - lo)[..., None]
+    src = (lo[..., None] + flat % n) * p + flat // n  # position in lse.reshape(B, T * P)
+    return jnp.take_along_axis(lse.reshape(b, t * p), src.reshape(b, t * p), axis=1).reshape(b, t, p)
 
 
 def _first_block(segment_ids: jax.Array, block_size: int) -> jax.Array:
@@ -174,16 +205,18 @@ def query_block_importance(importance: jax.Array, block_size: int) -> jax.Array:
 def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_count: int = 32,
                   window_size: int = 256, segment_ids=None, causal_compression: bool = True,
                   head_layout_kind: str = "gqa", tie_break: str = "recent", selection: str = "token",
-                  scale=None, return_block_indices: bool = False):
+                  lse_reading: str = "per_head", scale=None, return_block_indices: bool = False):
     """The whole NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa per head, in q's dtype. selection
-    "query_block": one chosen set per block of block_size queries, by their summed importance."""
+    "query_block": one chosen set per block of block_size queries, by their summed importance. lse_reading:
+    which lse the top-k divides by (`read_lse`)."""
     layout = head_layout(head_layout_kind, q.shape[2], k.shape[2])
     qe = expand_heads(q, layout)
     gates = [expand_heads(g[..., None].astype(jnp.float32), layout) for g in (g_cmp, g_slc, g_swa)]
     o_cmp, lse = compression_attention(qe, k, v, block_size=block_size, causal=causal_compression,
                                        segment_ids=segment_ids, scale=scale)
-    imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), jax.lax.stop_gradient(lse),
-                           block_size=block_size, scale=scale, segment_ids=segment_ids)
+    lse = read_lse(jax.lax.stop_gradient(lse), lse_reading, segment_ids)
+    imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), lse, block_size=block_size,
+                           scale=scale, segment_ids=segment_ids)
     if selection == "query_block":
         imp = query_block_importance(imp, block_size)
     idx = select_blocks(imp, block_size=block_size, block_count=block_count, tie_break=tie_break,
@@ -195,5 +228,6 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_c
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ["mean_pool", "compression_attention", "block_importance", "query_block_importance", "select_blocks",
-           "selection_attention", "window_attention", "expand_heads", "collapse_heads", "nsa_reference"]
+__all__ = ["mean_pool", "compression_attention", "read_lse", "block_importance", "query_block_importance",
+           "select_blocks", "selection_attention", "window_attention", "expand_heads", "collapse_heads",
+           "nsa_reference"]

@@ -22,7 +22,7 @@ from pallas_kernels.layout import HeadLayout
 _BIG = 2 ** 30
 
 
-def _visible_blocks(pos, lo, hi, block_size: int, causal: bool):
+def visible_blocks(pos, lo, hi, block_size: int, causal: bool):
     """Compressed blocks a row sees (the padded zero rows' softmax spreads over them evenly)."""
     if causal:
         return (pos + 1) // block_size - lo // block_size
@@ -54,7 +54,7 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, hi_ref, out_ref, *, layout: HeadLayo
     lo, hi = lo_ref[...], hi_ref[...]
     first, cur = lo // bs, pos // bs
     n_real = jnp.clip(hv - h * gv, 0, gv)
-    n_vis = _visible_blocks(pos, lo, hi, bs, causal).astype(jnp.float32)
+    n_vis = visible_blocks(pos, lo, hi, bs, causal).astype(jnp.float32)
     zero_term = jnp.where(n_vis > 0, (gv - n_real).astype(jnp.float32) / jnp.maximum(n_vis, 1.0), 0.0)
 
     def head(g, imp, kc):

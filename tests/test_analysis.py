@@ -50,7 +50,8 @@ def test_branch_weights_reproduce_the_oracle_outputs(mode):
     kv_of = np.arange(p) // (p // k.shape[2])
     values = np.asarray(v[0][:, kv_of]).transpose(1, 0, 2)  # [P, T, D]
     o_cmp, lse = ref.compression_attention(qe, k, v, block_size=4, causal=mode == "native")
-    imp = ref.block_importance(qe, k, lse, block_size=4)
+    reading = "released" if mode == "videonsa" else "per_head"  # mode videonsa's default (SPEC §2.11)
+    imp = ref.block_importance(qe, k, ref.read_lse(lse, reading), block_size=4)
     idx = ref.select_blocks(imp, block_size=4, block_count=2, tie_break="fla" if mode == "videonsa" else "recent",
                             group_size=p // k.shape[2])
     expected = {"slc": ref.selection_attention(qe, k, v, idx, block_size=4),

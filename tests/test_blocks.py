@@ -34,10 +34,20 @@ def test_run_blocks_scan_equals_a_python_loop():
     want = x
     for b in blocks:
         want = b(want)
-    np.testing.assert_allclose(run_blocks(blocks[:3], x, lambda b, h: b(h)), blocks[2](blocks[1](blocks[0](x))),
+    plain = lambda b, h, _: (b(h), None)
+    np.testing.assert_allclose(run_blocks(blocks[:3], x, plain)[0], blocks[2](blocks[1](blocks[0](x))),
                                rtol=1e-5, atol=1e-5)
-    got = run_blocks(blocks[3:], run_blocks(blocks[:3], x, lambda b, h: b(h)), lambda b, h: b(h))
+    got = run_blocks(blocks[3:], run_blocks(blocks[:3], x, plain)[0], plain)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Per-block inputs and outputs (a KV cache's shape): block i gets xs[i], its y's come back stacked.
+    xs = jnp.arange(3.0)
+    h, ys = run_blocks(blocks[:3], x, lambda b, h, c: (b(h) + c, h.sum() + c), xs)
+    loop, sums = x, []
+    for i, b in enumerate(blocks[:3]):
+        sums.append(loop.sum() + xs[i])
+        loop = b(loop) + xs[i]
+    np.testing.assert_allclose(h, loop, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ys, jnp.stack(sums), rtol=1e-5, atol=1e-5)
 
 
 def test_runs_of_equal_kinds():

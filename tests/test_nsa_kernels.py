@@ -16,7 +16,8 @@ from pallas_kernels.segments import segment_bounds
 from pallas_kernels.topk_fused import select_blocks_fused
 from pallas_kernels.topk_query_block import select_blocks_query_block
 
-VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla")
+VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released")
+VIDEONSA_OWN_LSE = dict(VIDEONSA, lse_reading="per_head")
 QUERY_BLOCK = dict(selection="query_block")
 
 CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mode, segment lengths)
@@ -26,6 +27,7 @@ CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mo
     "native_g8_bf16": (jnp.bfloat16, 1, 64, 16, 2, 32, 16, 3, 16, {}, None),
     "videonsa_6x2_f32_ragged": (jnp.float32, 1, 53, 6, 2, 16, 16, 8, 7, VIDEONSA, None),
     "videonsa_g7_bf16_packed": (jnp.bfloat16, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA, (32, 48)),
+    "videonsa_own_lse_7x1_f32_packed": (jnp.float32, 1, 80, 7, 1, 16, 16, 2, 20, VIDEONSA_OWN_LSE, (32, 48)),
     "query_block_g7_f32_packed_ragged": (jnp.float32, 1, 90, 7, 1, 16, 16, 2, 20, QUERY_BLOCK, (32, 58)),
     "query_block_g2_bf16": (jnp.bfloat16, 1, 64, 4, 2, 16, 16, 3, 16, QUERY_BLOCK, None),
     # block 64, head dim 128, bf16: on a Hopper GPU its selection runs the Mosaic GPU kernels

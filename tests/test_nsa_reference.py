@@ -9,7 +9,7 @@ import pytest
 
 from pallas_kernels import nsa_attention
 from pallas_kernels.layout import head_layout
-from pallas_kernels.reference import mean_pool, nsa_reference
+from pallas_kernels.reference import mean_pool, nsa_reference, read_lse
 from pallas_kernels.topk_rules import fla_topk
 
 
@@ -220,3 +220,35 @@ def test_packed_equals_separate():
     first = run(*(x[:, :24] for x in (q, k, v, *g)))
     second = run(*(x[:, 24:] for x in (q, k, v, *g)))
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-6)
+
+
+def test_released_lse_is_the_buffer_read_as_torch_views_it():
+    """SPEC §2.11: the released top-k reads flex_attention's contiguous [B, P, T] lse through a [B, T, P] view;
+    with segments, each segment is read as its own sequence."""
+    torch = pytest.importorskip("torch")
+    b, p, t = 2, 8, 13
+    buffer = np.random.default_rng(0).normal(size=(b, p, t)).astype(np.float32)  # [B, P, T], as flex returns
+    lse = jnp.asarray(buffer.transpose(0, 2, 1))  # each row's own: [B, T, P]
+    want = torch.from_numpy(buffer).contiguous().view(b, t, p).numpy()
+    np.testing.assert_array_equal(np.asarray(read_lse(lse, "released")), want)
+    np.testing.assert_array_equal(np.asarray(read_lse(lse, "per_head")), np.asarray(lse))
+    seg = jnp.asarray([[0] * 5 + [1] * 8] * b, jnp.int32)
+    packed = np.asarray(read_lse(lse, "released", seg))
+    for lo, hi in ((0, 5), (5, 13)):
+        part = torch.from_numpy(np.ascontiguousarray(buffer[:, :, lo:hi])).view(b, hi - lo, p).numpy()
+        np.testing.assert_array_equal(packed[:, lo:hi], part)
+
+
+def test_released_lse_packed_equals_separate_and_differs_from_own():
+    q, k, v, *g = _inputs(5, 1, 64, 6, 2, 8)
+    kw = dict(block_size=4, block_count=2, window_size=3, causal_compression=False, head_layout="videonsa",
+              tie_break="fla", impl="reference")
+    seg = jnp.asarray([[0] * 24 + [1] * 40], jnp.int32)
+    run = jax.jit(lambda *a, segment_ids=None, reading="released": nsa_attention(
+        *a, segment_ids=segment_ids, lse_reading=reading, **kw), static_argnames="reading")
+    packed = run(q, k, v, *g, segment_ids=seg)
+    first = run(*(x[:, :24] for x in (q, k, v, *g)))
+    second = run(*(x[:, 24:] for x in (q, k, v, *g)))
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-6)
+    own = run(q, k, v, *g, segment_ids=seg, reading="per_head")
+    assert np.abs(np.asarray(own) - np.asarray(packed)).max() > 1e-3  # the reading changes the chosen blocks

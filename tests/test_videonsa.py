@@ -3,8 +3,8 @@ against the jnp NSA oracle, VideoNSA checkpoints both ways, gradients reaching t
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +13,13 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import hf_model
 from nsa_jax import NSAConfig, from_pretrained, get_rope_index, init_model, save_hf, tiny_config
 from nsa_jax.config import ConfigError
 from nsa_jax.conversion import iter_hf_tensors
 from nsa_jax.language import TokenContext
 from nsa_jax.rope import mrope_cos_sin
 from pallas_kernels import nsa_attention
-from videonsa_torch_reference import videonsa_layer
+from videonsa_torch_reference import videonsa_checkpoint, videonsa_layer
 
 NSA = dict(block_size=4, block_count=2, window_size=8, gate_temperature=0.3)
 
@@ -31,37 +30,20 @@ def _tokens(cfg, rng, grid=(4, 4, 6), text=(5, 7)):
     return np.array([list(rng.integers(0, 256, text[0])) + span + list(rng.integers(0, 256, text[1]))])
 
 
-def _videonsa_checkpoint(path, seed: int = 0):
-    """A tiny HF model with VideoNSA gates, patched so its forward is the torch oracle; saved to `path`."""
+def _heads_config(num_heads: int = 6, num_kv_heads: int = 2):
+    """A tiny config whose padded videonsa layout has zero heads (6 / 2 heads: 16 padded, 4 of them zero)."""
     cfg = tiny_config(num_layers=2)
-    hf = hf_model(cfg, seed=seed)
-    state = {}
-    torch.manual_seed(seed + 1)
-    for layer in hf.model.language_model.layers:
-        attn = layer.self_attn
-        hidden = cfg.text.hidden_size
-        attn.g_proj_1 = torch.nn.Linear(hidden, hidden)
-        attn.g_proj_2 = torch.nn.Linear(hidden, cfg.text.num_attention_heads * 3)
-        for p in (*attn.g_proj_1.parameters(), *attn.g_proj_2.parameters()):
-            torch.nn.init.normal_(p, std=0.3)  # gates far from 0.5, so each branch's weight matters
-
-        def forward(self, hidden_states, position_embeddings=None, **kw):
-            return videonsa_layer(self, hidden_states, *position_embeddings, state["pos"], NSA), None
-
-        attn.forward = types.MethodType(forward, attn)
-    hf.save_pretrained(path)
-    with open(path / "config.json") as f:
-        d = json.load(f)
-    d.update(nsa_block_size=NSA["block_size"], nsa_block_count=NSA["block_count"],
-             nsa_window_size=NSA["window_size"])
-    (path / "config.json").write_text(json.dumps(d))
-    return hf, state, cfg
+    hidden = 16 * num_heads
+    text = dataclasses.replace(cfg.text, hidden_size=hidden, num_attention_heads=num_heads,
+                               num_key_value_heads=num_kv_heads)
+    return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=hidden)).validate()
 
 
 @pytest.fixture(scope="module")
 def videonsa_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("videonsa")
-    hf, state, cfg = _videonsa_checkpoint(path)
+    cfg = _heads_config()
+    hf, state = videonsa_checkpoint(path, cfg, NSA)
     return hf, state, from_pretrained(str(path)), path
 
 
@@ -70,11 +52,33 @@ def test_checkpoint_with_gates_loads_as_videonsa(videonsa_pair):
     nsa = ours.config.nsa
     assert (nsa.mode, nsa.block_size, nsa.block_count, nsa.window_size, nsa.gate_temperature) == \
         ("videonsa", 4, 2, 8, 0.3)
+    d = ours.config.to_hf_dict()
+    assert d["nsa_videonsa_lse"] == "released"
+    del d["nsa_videonsa_lse"]  # a checkpoint without the field is the release
+    assert type(ours.config).from_hf_dict(d, has_gates=True).nsa.videonsa_lse == "released"
+    own = type(ours.config).from_hf_dict(dict(d, nsa_videonsa_lse="per_head"), has_gates=True)
+    assert own.nsa.videonsa_lse == "per_head" and own.to_hf_dict()["nsa_videonsa_lse"] == "per_head"
+    with pytest.raises(ConfigError, match="nsa_videonsa_lse='transposed'"):
+        type(ours.config).from_hf_dict(dict(d, nsa_videonsa_lse="transposed"), has_gates=True)
 
 
-def test_videonsa_logits_match_torch_oracle(videonsa_pair):
-    hf, state, ours, _ = videonsa_pair
+def _with_lse_reading(src, dst, reading: str):
+    """The checkpoint at src seen through a config.json with nsa_videonsa_lse = reading (tensors linked)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    d = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(d, nsa_videonsa_lse=reading)))
+    return from_pretrained(str(dst))
+
+
+def test_lse_readings_each_match_the_release_and_differ(videonsa_pair, tmp_path):
+    """SPEC §2.11: the released lse reading (the default) and each head's own both match the torch release
+    path with that reading; the two give different logits."""
+    hf, state, ours, src = videonsa_pair
     cfg = ours.config
+    assert cfg.nsa.videonsa_lse == "released"
     rng = np.random.default_rng(0)
     grid = np.array([[4, 4, 6]])
     ids = _tokens(cfg, rng)
@@ -82,13 +86,48 @@ def test_videonsa_logits_match_torch_oracle(videonsa_pair):
     pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=spg)
     pixels = rng.standard_normal((int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
     state["pos"] = torch.from_numpy(pos)
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
-                    pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.from_numpy(grid),
-                    second_per_grid_ts=torch.from_numpy(spg), use_cache=False).logits.numpy()
-    mine = np.asarray(ours(ids, pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=spg))
-    assert np.abs(theirs).max() > 0.1
-    np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+    vision = dict(pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=spg)
+    logits = {}
+    for reading, model in (("released", ours), ("per_head", _with_lse_reading(src, tmp_path / "own", "per_head"))):
+        state["nsa"]["lse_reading"] = reading
+        with torch.no_grad():
+            theirs = hf(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos), use_cache=False,
+                        **{k: torch.from_numpy(np.asarray(v)) for k, v in vision.items()}).logits.numpy()
+        logits[reading] = np.asarray(model(ids, **vision))
+        assert np.abs(theirs).max() > 0.1
+        np.testing.assert_allclose(logits[reading], theirs, atol=1e-4, rtol=0, err_msg=reading)
+    state["nsa"]["lse_reading"] = "released"
+    assert np.abs(logits["released"] - logits["per_head"]).max() > 1e-2
+
+
+def test_videonsa_layer_gradients_match_torch(videonsa_pair):
+    """Fine-tuning the released model: gradients of one layer (released lse reading) through the hidden states,
+    q_proj and the gates equal torch autograd through the release's path."""
+    hf, _, ours, _ = videonsa_pair
+    cfg = ours.config
+    rng = np.random.default_rng(5)
+    ids = _tokens(cfg, rng, grid=(4, 4, 4), text=(3, 5))
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[4, 4, 4]], second_per_grid_ts=[2.0])
+    x = rng.standard_normal((1, ids.shape[1], cfg.text.hidden_size)).astype(np.float32)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    attn_t = hf.model.language_model.layers[0].self_attn
+    xt = torch.from_numpy(x).requires_grad_(True)
+    cos_t, sin_t = hf.model.language_model.rotary_emb(xt, torch.from_numpy(pos))
+    attn_t.zero_grad()
+    out = videonsa_layer(attn_t, xt, cos_t, sin_t, torch.from_numpy(pos), NSA)
+    (out * torch.from_numpy(w)).sum().backward()
+
+    attn = ours.language_model.layers[0].self_attn
+    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id))
+    loss = lambda m, h: (m(h, ctx)[1] * w).sum()
+    grads, gx = nnx.grad(loss, argnums=(0, 1))(attn, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy(), atol=1e-4, rtol=1e-4)
+    for name, theirs in (("q_proj", attn_t.q_proj.weight.grad.T), ("g_proj_1", attn_t.g_proj_1.weight.grad.T),
+                         ("g_proj_2", attn_t.g_proj_2.weight.grad.T)):
+        mine = np.asarray(getattr(grads, name).kernel[...])
+        assert np.abs(mine).max() > 0, name
+        np.testing.assert_allclose(mine, theirs.numpy(), atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 def test_videonsa_layer_matches_torch_oracle(videonsa_pair):
@@ -106,7 +145,7 @@ def test_videonsa_layer_matches_torch_oracle(videonsa_pair):
         theirs = videonsa_layer(attn_t, torch.from_numpy(x), cos_t, sin_t, torch.from_numpy(pos), NSA).numpy()
     cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
     ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id))
-    mine = np.asarray(ours.language_model.layers[1].self_attn(jnp.asarray(x), ctx))
+    mine = np.asarray(ours.language_model.layers[1].self_attn(jnp.asarray(x), ctx)[1])
     np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
 
 
@@ -149,7 +188,7 @@ def test_native_layer_matches_gathered_oracle(selection):
     vision = ids == cfg.video_token_id
     ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(vision))
     attn = model.language_model.layers[0].self_attn
-    mine = np.asarray(attn(x, ctx))
+    mine = np.asarray(attn(x, ctx)[1])
 
     q, k, v = attn.qkv(x, ctx)
     gates = jax.nn.sigmoid(attn.gate_logits(x))

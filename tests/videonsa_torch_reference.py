@@ -1,8 +1,11 @@
 """A plain torch implementation of the released VideoNSA attention (SPEC §2), the oracle of mode `videonsa`.
 
-Written from the SPEC and the released code's behaviour with loops, independently of `pallas_kernels`:
-64-head padding done literally (heads [0..HQ-1, 0..HQ-1, zeros]), the non-causal compression mask, and fla's
-bitonic top-k network simulated step by step.
+Written from the release's code path with loops, independently of `pallas_kernels`: `Qwen2_5_VLMixNSA.
+_mixed_attention` (lmms-eval's modeling_qwen2_5_vl.py: routing by mRoPE ids, pure dense for text-only chunks,
+pure NSA for vision-only ones), `nsa_func` (ms-swift/nsa/nsa.py) with the 64-head padding done literally
+(heads [0..HQ-1, 0..HQ-1, zeros]), `compression_attention`'s [B, P, T] lse buffer, which fla's
+`parallel_nsa_kernel_topk` reads through a raw [B, T, P] pointer (`lse + (bos + i_t) * HQ + i_h * G`), the
+non-causal compression mask, and fla's bitonic top-k network simulated step by step.
 """
 
 from __future__ import annotations
@@ -81,8 +84,13 @@ def padded_heads(hq: int, hkv: int) -> int:
     return hkv * (1 << (per - 1).bit_length())
 
 
-def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: int, window: int):
-    """Released NSA over q [B,T,HQ,D], k, v [B,T,HKV,D], gates [B,T,HQ] (float64 math) -> [B,T,HQ,D]."""
+def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: int, window: int,
+                 lse_reading: str = "released"):
+    """Released NSA over q [B,T,HQ,D], k, v [B,T,HKV,D], gates [B,T,HQ] (float64 math) -> [B,T,HQ,D].
+
+    lse_reading "released": the top-k reads the compression lse buffer [B, P, T] as [B, T, P] (a view of the
+    same memory, as fla's kernel does through its pointer); "per_head": each head's own lse.
+    """
     q, k, v = q.double(), k.double(), v.double()
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -94,25 +102,32 @@ def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: 
     nb = -(-t // block_size)
     kc = torch.stack([k[:, j * block_size:(j + 1) * block_size].mean(1) for j in range(nb)], 1)  # [B,NB,HKV,D]
     vc = torch.stack([v[:, j * block_size:(j + 1) * block_size].mean(1) for j in range(nb)], 1)
+    # Compression branch: o [B, T, P, D] and flex_attention's lse buffer [B, P, T].
+    o_cmp = torch.zeros(b, t, p, d, dtype=torch.float64)
+    lse_buffer = torch.zeros(b, p, t, dtype=torch.float64)
+    for bi in range(b):
+        for i in range(t):
+            visible = [j for j in range(nb) if i <= (j + 1) * block_size - 1]  # released, not causal
+            for h in range(p):
+                s = scale * kc[bi, visible, h // gp] @ qp[bi, i, h]
+                lse_buffer[bi, h, i] = torch.logsumexp(s, 0)
+                o_cmp[bi, i, h] = torch.softmax(s, 0) @ vc[bi, visible, h // gp]
+    if lse_reading == "released":
+        lse_read = lse_buffer.contiguous().view(b, t, p)  # the pointer arithmetic of parallel_nsa_kernel_topk
+    else:
+        lse_read = lse_buffer.transpose(1, 2)
     count = 1 << (block_count - 1).bit_length()
     out = torch.zeros(b, t, p, d, dtype=torch.float64)
     for bi in range(b):
         for i in range(t):
             cur = i // block_size
-            lse = torch.zeros(p, dtype=torch.float64)
-            o_cmp = torch.zeros(p, d, dtype=torch.float64)
-            for h in range(p):
-                kv = h // gp
-                visible = [j for j in range(nb) if i <= (j + 1) * block_size - 1]  # released, not causal
-                s = scale * kc[bi, visible, kv] @ qp[bi, i, h]
-                lse[h] = torch.logsumexp(s, 0)
-                o_cmp[h] = torch.softmax(s, 0) @ vc[bi, visible, kv]
             for kv in range(hkv):
                 heads = range(kv * gp, (kv + 1) * gp)
                 scores = np.zeros(cur + 1, np.float32)
                 for h in heads:
                     for j in range(cur):
-                        scores[j] += float(torch.exp(scale * kc[bi, j, kv] @ qp[bi, i, h] - lse[h]))
+                        s = scale * kc[bi, j, kv] @ qp[bi, i, h] - lse_read[bi, i, h]
+                        scores[j] += float(torch.exp(s).detach())
                     scores[cur] += 1.0
                 chosen = fla_topk(scores, cur, block_size, count)
                 keys = sorted(x for j in chosen for x in range(j * block_size, min((j + 1) * block_size, t))
@@ -121,7 +136,7 @@ def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: 
                 for h in heads:
                     o_slc = torch.softmax(scale * k[bi, keys, kv] @ qp[bi, i, h], 0) @ v[bi, keys, kv]
                     o_swa = torch.softmax(scale * k[bi, win, kv] @ qp[bi, i, h], 0) @ v[bi, win, kv]
-                    out[bi, i, h] = (gates[0][bi, i, h] * o_cmp[h] + gates[1][bi, i, h] * o_slc
+                    out[bi, i, h] = (gates[0][bi, i, h] * o_cmp[bi, i, h] + gates[1][bi, i, h] * o_slc
                                      + gates[2][bi, i, h] * o_swa)
     return ((out[:, :, :hq] + out[:, :, hq:2 * hq]) / 2)
 
@@ -139,8 +154,14 @@ def rotary(x, cos, sin, mrope_section):
     return x * cos + rot * sin
 
 
-def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict):
-    """The released `Qwen2_5_VLMixNSA` forward on an HF attention module with `g_proj_1`/`g_proj_2` added."""
+def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict, cache: dict | None = None):
+    """The released `Qwen2_5_VLMixNSA` forward on an HF attention module with `g_proj_1`/`g_proj_2` added.
+
+    cache: {"k": [B, S, HKV, D], "v": ...} of the tokens before `hidden` (HF's DynamicCache of this layer), or
+    None; the chunk's rotated k, v are appended to it (the caller keeps the dict), and attention runs over the
+    whole cache as the release's does: a chunk with no vision token takes the pure dense path
+    (`_pure_flash_attention`), one of vision tokens only the pure NSA path, a mixed one the hybrid.
+    """
     b, t, _ = hidden.shape
     hq, hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
     d = attn.head_dim
@@ -150,16 +171,72 @@ def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict):
     q, k = rotary(q, cos, sin, attn.rope_scaling["mrope_section"]), rotary(k, cos, sin,
                                                                            attn.rope_scaling["mrope_section"])
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
+    if cache is not None:
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
+        cache["k"], cache["v"] = k, v
     vision = ~((position_ids[0] == position_ids[1]) & (position_ids[0] == position_ids[2]))  # [B, T]
-    gates = attn.g_proj_2(F.gelu(attn.g_proj_1(hidden))).view(b, t, hq, 3) / nsa["gate_temperature"]
-    gates = torch.where(vision[..., None, None], gates, torch.zeros_like(gates)).sigmoid()
-    vm = vision[..., None, None]
-    o_nsa = nsa_videonsa(torch.where(vm, q, 0), torch.where(vm, k, 0), torch.where(vm, v, 0),
-                         gates[..., 0], gates[..., 1], gates[..., 2], block_size=nsa["block_size"],
-                         block_count=nsa["block_count"], window=nsa["window_size"]).to(q.dtype)
-    # Dense branch: vision rows of q zeroed, causal GQA over all keys.
-    qt = torch.where(vm, torch.zeros_like(q), q).transpose(1, 2)
-    kk = k.repeat_interleave(hq // hkv, 2).transpose(1, 2)
-    vv = v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
-    o_dense = F.scaled_dot_product_attention(qt, kk, vv, is_causal=True).transpose(1, 2)
-    return attn.o_proj((o_nsa + o_dense).reshape(b, t, hq * d))
+
+    def dense(queries):  # causal GQA of the chunk's queries over every key (the chunk is the last t keys)
+        kk = k.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+        vv = v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+        s = k.shape[1]
+        mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+        return F.scaled_dot_product_attention(queries.transpose(1, 2), kk, vv, attn_mask=mask).transpose(1, 2)
+
+    if not vision.any():
+        out = dense(q)
+    else:
+        assert k.shape[1] == t, "the release's mixed and NSA paths run on a whole (uncached) sequence"
+        gates = attn.g_proj_2(F.gelu(attn.g_proj_1(hidden))).view(b, t, hq, 3) / nsa["gate_temperature"]
+        nsa_kw = dict(block_size=nsa["block_size"], block_count=nsa["block_count"], window=nsa["window_size"],
+                      lse_reading=nsa.get("lse_reading", "released"))
+        if vision.all():
+            g = gates.sigmoid()
+            out = nsa_videonsa(q, k, v, g[..., 0], g[..., 1], g[..., 2], **nsa_kw).to(q.dtype)
+        else:
+            gates = torch.where(vision[..., None, None], gates, torch.zeros_like(gates)).sigmoid()
+            vm = vision[..., None, None]
+            o_nsa = nsa_videonsa(torch.where(vm, q, 0), torch.where(vm, k, 0), torch.where(vm, v, 0),
+                                 gates[..., 0], gates[..., 1], gates[..., 2], **nsa_kw).to(q.dtype)
+            out = o_nsa + dense(torch.where(vm, torch.zeros_like(q), q))  # dense: vision rows of q zeroed
+    return attn.o_proj(out.reshape(b, t, hq * d))
+
+
+# ------------------------------------------------------------------ a tiny released-style checkpoint
+
+
+def videonsa_checkpoint(path, cfg, nsa: dict, seed: int = 0):
+    """A tiny random HF model whose attention is the release's (`videonsa_layer`, gates added with weights far
+    from 0), saved to `path` with the NSA fields in config.json. Returns (hf model, state): set state["pos"] to
+    the mRoPE ids [3, B, T] of each call; state["caches"] = {} makes every layer keep its k, v across calls (HF's
+    DynamicCache), state["caches"] = None runs without a cache."""
+    import json
+    import types
+
+    from hf_reference import hf_model
+
+    hf = hf_model(cfg, seed=seed)
+    state = {"caches": None, "nsa": dict(nsa)}
+    torch.manual_seed(seed + 1)
+    for layer in hf.model.language_model.layers:
+        attn = layer.self_attn
+        hidden = cfg.text.hidden_size
+        attn.g_proj_1 = torch.nn.Linear(hidden, hidden)
+        attn.g_proj_2 = torch.nn.Linear(hidden, cfg.text.num_attention_heads * 3)
+        for p in (*attn.g_proj_1.parameters(), *attn.g_proj_2.parameters()):
+            torch.nn.init.normal_(p, std=0.3)  # gates far from 0.5, so each branch's weight matters
+
+        def forward(self, hidden_states, position_embeddings=None, **kw):
+            caches = state["caches"]
+            cache = None if caches is None else caches.setdefault(self.layer_idx, {})
+            return videonsa_layer(self, hidden_states, *position_embeddings, state["pos"], state["nsa"], cache), None
+
+        attn.forward = types.MethodType(forward, attn)
+    hf.save_pretrained(path)
+    with open(path / "config.json") as f:
+        d = json.load(f)
+    d.update(nsa_block_size=nsa["block_size"], nsa_block_count=nsa["block_count"],
+             nsa_window_size=nsa["window_size"], nsa_videonsa_lse=nsa.get("lse_reading", "released"))
+    (path / "config.json").write_text(json.dumps(d))
+    return hf, state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -46,8 +47,14 @@ def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
 
 
 def nsa_config(c: Any) -> NSAConfig:
-    return NSAConfig(mode=c.mode, block_size=c.block_size, block_count=c.block_count, window_size=c.window_size,
-                     gate_temperature=c.gate_temperature, impl=c.impl, selection=c.selection)
+    """NSAConfig from the config's `model.nsa` dict: every NSAConfig field it sets (others keep defaults)."""
+    kw = {f.name: c[f.name] for f in dataclasses.fields(NSAConfig) if f.name in c}
+    if kw.get("layers") is not None:
+        kw["layers"] = tuple(kw["layers"])
+    unknown = sorted(set(c.keys()) - {f.name for f in dataclasses.fields(NSAConfig)})
+    if unknown:
+        raise ValueError(f"config.model.nsa: unknown fields {unknown}")
+    return NSAConfig(**kw)
 
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
