@@ -94,7 +94,7 @@ def _nsa_fn():
     kw = dict(block_size=FLAGS.block_size, block_count=FLAGS.block_count, window_size=FLAGS.window_size,
               impl="pallas")
     if FLAGS.mode == "videonsa":
-        kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla")
+        kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released")
     elif FLAGS.mode == "query_block":
         kw.update(selection="query_block")
 

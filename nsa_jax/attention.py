@@ -19,11 +19,14 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     segment_ids [B,T] (T == S), or a pair ([B,T] of the queries, [B,S] of the keys): tokens attend only keys
     of the same segment (packed samples).
     kv_valid [B,S] bool: keys that exist (padding masked out). A row with no visible key returns zeros.
-    Without masks (and T == S) this is `jax.nn.dot_product_attention` (cuDNN on GPU where
-    `implementation="cudnn"`); with masks, queries go `query_chunk` rows at a time.
+    Without masks (and T == S) this is `jax.nn.dot_product_attention` with `implementation` (None: cuDNN's
+    flash attention where it applies, on NVIDIA GPUs in bf16 / f16, else XLA's); with masks, queries go
+    `query_chunk` rows at a time.
     """
     t, s = q.shape[1], k.shape[1]
     if segment_ids is None and kv_valid is None and (t == s or not causal):
+        if implementation is None and _cudnn_applies(q):
+            implementation = "cudnn"
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     if t > query_chunk:
         return _query_chunks(q, k, v, None, chunk=query_chunk, causal=causal, segment_ids=segment_ids,
@@ -38,6 +41,13 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
         mask &= kv_valid[:, None, None, :]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], out, 0).astype(out.dtype)
+
+
+def _cudnn_applies(q: jax.Array) -> bool:
+    """cuDNN flash attention takes this query: an NVIDIA GPU, bf16 / f16, head dim a multiple of 8 up to 128."""
+    d = q.shape[-1]
+    return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind.upper().startswith("NVIDIA")
+            and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128)
 
 
 def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, *, chunk: int = QUERY_CHUNK,

@@ -61,16 +61,20 @@ def _bucket(n: int) -> int:
     return -(-n // BUCKET) * BUCKET
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _prefill(graphdef, state, cache_len: int, ids, positions, length, images, videos):
-    model = nnx.merge(graphdef, state)
-    cache = model.init_cache(ids.shape[0], cache_len)
-    return model.prefill(ids, positions, length, cache, images=images, videos=videos)
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
+    """The jitted prefill and decode step of a model structure. The graph definition is closed over, not a
+    static argument: hashing it (~6 ms for a 7B model) on every decode step would cost more than the step."""
 
+    def prefill(state, cache_len: int, ids, positions, length, images, videos):
+        model = nnx.merge(graphdef, state)
+        return model.prefill(ids, positions, length, model.init_cache(ids.shape[0], cache_len), images=images,
+                             videos=videos)
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _decode_step(graphdef, state, tokens, positions, cache: KVCache):
-    return nnx.merge(graphdef, state).decode_step(tokens, positions, cache)
+    def step(state, tokens, positions, cache: KVCache):
+        return nnx.merge(graphdef, state).decode_step(tokens, positions, cache)
+
+    return jax.jit(prefill, static_argnums=1), jax.jit(step, donate_argnums=3)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
@@ -103,6 +107,49 @@ def _cut(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
+class Decoder:
+    """A model's jitted prefill and decode step (the functions `generate` loops over; `launch.bench_generate`
+    times them)."""
+
+    def __init__(self, model: Qwen25VL):
+        self.model = model
+        graphdef, self.state = nnx.split(model)
+        self._prefill, self._step = _compiled(graphdef)
+
+    def prefill(self, prompts: Sequence[tuple[Sequence[int] | np.ndarray, VisionPrompt]], max_new_tokens: int
+                ) -> tuple[jax.Array, KVCache, np.ndarray]:
+        """Prompts (token ids [T], vision inputs), each prefilled alone into a cache with room for
+        max_new_tokens more: (logits [B, vocab] of each prompt's last token, the cache, each prompt's first free
+        mRoPE id [B])."""
+        model, cfg = self.model, self.model.config
+        rows = []
+        for ids, vision in prompts:
+            ids = np.asarray(ids, np.int32).reshape(1, -1)
+            pos, _ = get_rope_index(ids, cfg, image_grid_thw=vision.image_grid_thw,
+                                    video_grid_thw=vision.video_grid_thw,
+                                    second_per_grid_ts=vision.second_per_grid_ts)
+            rows.append((ids, np.asarray(pos, np.int32), vision))
+        padded = [ids.shape[1] if model.exact_prefill else _bucket(ids.shape[1]) for ids, _, _ in rows]
+        cache_len = _bucket(max(padded) + max_new_tokens)
+        logits, caches = [], []
+        for (ids, pos, vision), n in zip(rows, padded):
+            pad = n - ids.shape[1]
+            out = self._prefill(self.state, cache_len, jnp.asarray(np.pad(ids, ((0, 0), (0, pad)))),
+                           jnp.asarray(np.pad(pos, ((0, 0), (0, 0), (0, pad)), mode="edge")),
+                           jnp.asarray([ids.shape[1]], jnp.int32), *_vision_inputs(model, vision))
+            logits.append(out[0])
+            caches.append(out[1])
+        cache = caches[0] if len(caches) == 1 else KVCache.concatenate(caches)
+        next_ids = np.asarray([int(pos.max()) + 1 for _, pos, _ in rows], np.int32)
+        return jnp.concatenate(logits, 0), cache, next_ids
+
+    def step(self, tokens: jax.Array, positions: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Tokens [B] at mRoPE ids positions [B] (all three axes) appended: (logits [B, vocab], the cache,
+        which is donated: the one passed in is gone)."""
+        positions = jnp.asarray(np.broadcast_to(np.asarray(positions, np.int32), (3, len(positions))))
+        return self._step(self.state, tokens, positions, cache)
+
+
 def generate(model: Qwen25VL, prompts: Sequence[tuple[Sequence[int] | np.ndarray, VisionPrompt]], *,
              max_new_tokens: int, eos_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
              detokenize: Callable[[Sequence[int]], str] | None = None, sampling: Sampling = Sampling(),
@@ -111,41 +158,22 @@ def generate(model: Qwen25VL, prompts: Sequence[tuple[Sequence[int] | np.ndarray
     token, once its text (by `detokenize`) holds a stop string, or after max_new_tokens."""
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
-    graphdef, state = nnx.split(model)
-    cfg = model.config
-    rows = []
-    for ids, vision in prompts:
-        ids = np.asarray(ids, np.int32).reshape(1, -1)
-        pos, _ = get_rope_index(ids, cfg, image_grid_thw=vision.image_grid_thw, video_grid_thw=vision.video_grid_thw,
-                                second_per_grid_ts=vision.second_per_grid_ts)
-        rows.append((ids, np.asarray(pos, np.int32), vision))
-    if max_new_tokens <= 0 or not rows:
-        return [Generation(np.zeros(0, np.int32), np.zeros((0, cfg.text.vocab_size), np.float32) if return_logits
-                           else None, "" if detokenize else None) for _ in rows]
-    padded = [ids.shape[1] if model.exact_prefill else _bucket(ids.shape[1]) for ids, _, _ in rows]
-    cache_len = _bucket(max(padded) + max_new_tokens)
-    logits, caches = [], []
-    for (ids, pos, vision), n in zip(rows, padded):
-        pad = n - ids.shape[1]
-        out = _prefill(graphdef, state, cache_len, jnp.asarray(np.pad(ids, ((0, 0), (0, pad)))),
-                       jnp.asarray(np.pad(pos, ((0, 0), (0, 0), (0, pad)), mode="edge")),
-                       jnp.asarray([ids.shape[1]], jnp.int32), *_vision_inputs(model, vision))
-        logits.append(out[0])
-        caches.append(out[1])
-    cache = caches[0] if len(caches) == 1 else KVCache.concatenate(caches)
-    del caches
-    logits = jnp.concatenate(logits, 0)
-    next_ids = np.asarray([int(pos.max()) + 1 for _, pos, _ in rows], np.int32)
+    if max_new_tokens <= 0 or not prompts:
+        vocab = model.config.text.vocab_size
+        return [Generation(np.zeros(0, np.int32), np.zeros((0, vocab), np.float32) if return_logits else None,
+                           "" if detokenize else None) for _ in prompts]
+    decoder = Decoder(model)
+    logits, cache, next_ids = decoder.prefill(prompts, max_new_tokens)
     key = jax.random.key(sampling.seed)
     eos = {int(e) for e in eos_token_ids}
-    tokens: list[list[int]] = [[] for _ in rows]
-    scores: list[list[np.ndarray]] = [[] for _ in rows]
-    done = [False] * len(rows)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    scores: list[list[np.ndarray]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
     for step in range(max_new_tokens):
         chosen = _choose(logits, jax.random.fold_in(key, step), temperature=sampling.temperature,
                          top_p=sampling.top_p)
         host, host_logits = np.asarray(chosen), np.asarray(logits, np.float32) if return_logits else None
-        for b in range(len(rows)):
+        for b in range(len(prompts)):
             if done[b]:
                 continue
             tokens[b].append(int(host[b]))
@@ -154,10 +182,9 @@ def generate(model: Qwen25VL, prompts: Sequence[tuple[Sequence[int] | np.ndarray
             done[b] = int(host[b]) in eos or (bool(stop_strings) and _cut(detokenize(tokens[b]), stop_strings)[1])
         if all(done) or step == max_new_tokens - 1:
             break
-        positions = jnp.asarray(np.broadcast_to(next_ids + step, (3, len(rows))))
-        logits, cache = _decode_step(graphdef, state, chosen, positions, cache)
+        logits, cache = decoder.step(chosen, next_ids + step, cache)
     results = []
-    for b in range(len(rows)):
+    for b in range(len(prompts)):
         text = _cut(detokenize(tokens[b]), stop_strings)[0] if detokenize else None
         logit_rows = np.stack(scores[b]) if return_logits else None
         results.append(Generation(np.asarray(tokens[b], np.int32), logit_rows, text))

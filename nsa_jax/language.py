@@ -37,7 +37,7 @@ class TokenContext(NamedTuple):
 
 
 class LayerCache(NamedTuple):
-    """One layer's (or, stacked, every layer's) rotated keys and values [(L,) B, S, K, D]."""
+    """One layer's rotated keys and values [B, S, K, D]."""
 
     k: jax.Array
     v: jax.Array
@@ -126,18 +126,30 @@ class TextModel(nnx.Module):
             cfg, nsa, rngs=r, dtype=dtype, param_dtype=param_dtype), rngs))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, ctx: TokenContext, cache: LayerCache | None = None
-                 ) -> tuple[LayerCache | None, jax.Array]:
-        """(updated cache, final hidden states); cache: every layer's, stacked on a leading axis."""
+    def __call__(self, x: jax.Array, ctx: TokenContext, cache: tuple[LayerCache, ...] | None = None
+                 ) -> tuple[tuple[LayerCache, ...] | None, jax.Array]:
+        """(updated cache, final hidden states); cache: one `LayerCache` per layer."""
         def step(layer, h, layer_cache):
             layer_cache, h = layer(h, ctx, layer_cache)
             return h, layer_cache
 
-        h, cache = run_blocks(self.layers, x, step, cache)
-        return cache, self.norm(h)
+        if cache is None or ctx.cache_valid is None:
+            # Forward and prefill: one scan over the layers (compile time does not grow with depth).
+            stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *cache)
+            h, stacked = run_blocks(self.layers, x, step, stacked)
+            if cache is not None:
+                cache = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(self.layers)))
+            return cache, self.norm(h)
+        # Decoding: layer by layer, each reading its own weights and updating its own cache in place (a scan
+        # would stack every layer's weights and cache again at each step).
+        new = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = step(layer, x, layer_cache)
+            new.append(layer_cache)
+        return tuple(new), self.norm(x)
 
-    def init_cache(self, batch: int, length: int, dtype) -> LayerCache:
+    def init_cache(self, batch: int, length: int, dtype) -> tuple[LayerCache, ...]:
         """An empty cache of `length` slots per row for every layer."""
-        cfg = self.layers[0].self_attn
-        shape = (len(self.layers), batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        attn = self.layers[0].self_attn
+        shape = (batch, length, attn.num_kv_heads, attn.head_dim)
+        return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)

@@ -14,9 +14,12 @@ INIT = nnx.initializers.normal(0.02)
 
 def linear(din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype
            ) -> nnx.Linear:
-    """A Linear layer with the HF initialisation (normal(0.02) kernel, zero bias)."""
+    """A Linear layer with the HF initialisation (normal(0.02) kernel, zero bias). float32 compute multiplies at
+    full precision (no TF32); other compute dtypes take the backend's default (bf16 products, float32 sums on
+    GPU), as transformers' bf16 models do."""
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
     return nnx.Linear(din, dout, use_bias=bias, kernel_init=INIT, bias_init=nnx.initializers.zeros,
-                      dtype=dtype, param_dtype=param_dtype, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+                      dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):

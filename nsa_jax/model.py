@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -33,16 +32,14 @@ class VisionInput(NamedTuple):
 class KVCache(NamedTuple):
     """Rotated keys and values of every token so far (every layer's, stacked) and which slots hold one."""
 
-    layers: LayerCache  # k, v [L, B, S, K, D]
+    layers: tuple[LayerCache, ...]  # per layer: k, v [B, S, K, D]
     valid: jax.Array  # [B, S] bool: slots holding a real token
     end: jax.Array  # [B] int32: each row's next free slot
 
     @staticmethod
     def concatenate(caches: list["KVCache"]) -> "KVCache":
         """The rows of several caches (same length) as one cache."""
-        rows = lambda axis, *a: jnp.concatenate(a, axis)
-        return KVCache(jax.tree.map(functools.partial(rows, 1), *(c.layers for c in caches)),
-                       rows(0, *(c.valid for c in caches)), rows(0, *(c.end for c in caches)))
+        return jax.tree.map(lambda *a: jnp.concatenate(a, 0), *caches)
 
 
 def scatter_vision(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> jax.Array:
