@@ -47,3 +47,13 @@ def test_bench_nsa_table_and_breakdown(tmp_path):
             "selection_index_and_fwd_kernel", "selection_bwd", "selection[8:1]",
             "selection_fwd_bwd[8:1]"} <= set(stages)
     assert all(isinstance(ms, float) and ms > 0 for ms in stages.values()), stages  # no setting failed
+
+
+def test_bench_generate_runs_each_mode(tmp_path):
+    r = _run(["launch.bench_generate", "--preset=tiny", "--video_tokens=64", "--decode_tokens=2",
+              "--prefill_iters=1", "--modes=dense,videonsa"], tmp_path)
+    assert [row["mode"] for row in r["rows"]] == ["dense", "videonsa"] and r["vision_tower_s"] > 0
+    for row in r["rows"]:
+        assert row["video_tokens"] == 64 and row["prompt_tokens"] == 64 + 62
+        assert row["prefill_s"] > 0 and row["cache_slots"] >= row["prompt_tokens"] + 2 * 2 + 1
+        assert abs(row["decode_tokens_per_s"] * row["decode_s"] - 2) < 1e-6

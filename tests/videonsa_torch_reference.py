@@ -154,6 +154,57 @@ def rotary(x, cos, sin, mrope_section):
     return x * cos + rot * sin
 
 
+def dense(q, k, v, hq: int):
+    """Causal GQA of q [B, T, HQ, D] over k, v [B, S, HKV, D] (the queries are the last T keys) -> [B, T, HQ, D]."""
+    t, s, hkv = q.shape[1], k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+    vv = v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+    mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask).transpose(1, 2)
+
+
+def _qkv(attn, hidden, cos, sin, cache):
+    """Rotated q [B, T, HQ, D] and the keys, values [B, S, HKV, D] of the cache with the chunk appended."""
+    b, t, _ = hidden.shape
+    hq, hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    d = attn.head_dim
+    q = attn.q_proj(hidden).view(b, t, hq, d).transpose(1, 2)
+    k = attn.k_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
+    v = attn.v_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
+    section = attn.rope_scaling["mrope_section"]
+    q, k = rotary(q, cos, sin, section), rotary(k, cos, sin, section)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
+    if cache is not None:
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
+        cache["k"], cache["v"] = k, v
+    return q, k, v
+
+
+def native_layer(attn, hidden, cos, sin, vision, nsa: dict, cache: dict | None = None):
+    """SPEC §3's layer (mode native) on an HF attention module with gates: the vision tokens [B, T] (image /
+    video pads) through NSA over them alone (gathered, causal compression, GQA: `numpy_nsa`, the numpy loops of
+    tests/test_nsa_reference.py), the text rows dense; a chunk with no vision token (a decode step) attends
+    densely to the whole cache."""
+    from test_nsa_reference import numpy_nsa
+
+    b, t, _ = hidden.shape
+    hq = attn.config.num_attention_heads
+    q, k, v = _qkv(attn, hidden, cos, sin, cache)
+    out = dense(q, k, v, hq)
+    if vision.any():
+        assert k.shape[1] == t, "the NSA branch runs on a whole (uncached) sequence"
+        gates = (attn.g_proj_2(F.gelu(attn.g_proj_1(hidden))).view(b, t, hq, 3) / nsa["gate_temperature"]).sigmoid()
+        for row in range(b):
+            idx = torch.nonzero(vision[row])[:, 0]
+            g = gates[row:row + 1, idx].detach().numpy()
+            o = numpy_nsa(*(x[row:row + 1, idx].detach().numpy() for x in (q, k, v)), g[..., 0], g[..., 1],
+                          g[..., 2], bs=nsa["block_size"], count=nsa["block_count"], window=nsa["window_size"],
+                          seg=None, causal=True, layout="gqa", tie="recent")
+            out[row, idx] = torch.from_numpy(o[0]).to(out.dtype)
+    return attn.o_proj(out.reshape(b, t, -1))
+
+
 def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict, cache: dict | None = None):
     """The released `Qwen2_5_VLMixNSA` forward on an HF attention module with `g_proj_1`/`g_proj_2` added.
 
@@ -163,29 +214,12 @@ def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict, cache: dict 
     (`_pure_flash_attention`), one of vision tokens only the pure NSA path, a mixed one the hybrid.
     """
     b, t, _ = hidden.shape
-    hq, hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    d = attn.head_dim
-    q = attn.q_proj(hidden).view(b, t, hq, d).transpose(1, 2)
-    k = attn.k_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
-    v = attn.v_proj(hidden).view(b, t, hkv, d).transpose(1, 2)
-    q, k = rotary(q, cos, sin, attn.rope_scaling["mrope_section"]), rotary(k, cos, sin,
-                                                                           attn.rope_scaling["mrope_section"])
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
-    if cache is not None:
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
-        cache["k"], cache["v"] = k, v
+    hq, d = attn.config.num_attention_heads, attn.head_dim
+    q, k, v = _qkv(attn, hidden, cos, sin, cache)
     vision = ~((position_ids[0] == position_ids[1]) & (position_ids[0] == position_ids[2]))  # [B, T]
 
-    def dense(queries):  # causal GQA of the chunk's queries over every key (the chunk is the last t keys)
-        kk = k.repeat_interleave(hq // hkv, 2).transpose(1, 2)
-        vv = v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
-        s = k.shape[1]
-        mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-        return F.scaled_dot_product_attention(queries.transpose(1, 2), kk, vv, attn_mask=mask).transpose(1, 2)
-
     if not vision.any():
-        out = dense(q)
+        out = dense(q, k, v, hq)
     else:
         assert k.shape[1] == t, "the release's mixed and NSA paths run on a whole (uncached) sequence"
         gates = attn.g_proj_2(F.gelu(attn.g_proj_1(hidden))).view(b, t, hq, 3) / nsa["gate_temperature"]
@@ -199,17 +233,18 @@ def videonsa_layer(attn, hidden, cos, sin, position_ids, nsa: dict, cache: dict 
             vm = vision[..., None, None]
             o_nsa = nsa_videonsa(torch.where(vm, q, 0), torch.where(vm, k, 0), torch.where(vm, v, 0),
                                  gates[..., 0], gates[..., 1], gates[..., 2], **nsa_kw).to(q.dtype)
-            out = o_nsa + dense(torch.where(vm, torch.zeros_like(q), q))  # dense: vision rows of q zeroed
+            out = o_nsa + dense(torch.where(vm, torch.zeros_like(q), q), k, v, hq)  # vision rows of q zeroed
     return attn.o_proj(out.reshape(b, t, hq * d))
 
 
 # ------------------------------------------------------------------ a tiny released-style checkpoint
 
 
-def videonsa_checkpoint(path, cfg, nsa: dict, seed: int = 0):
-    """A tiny random HF model whose attention is the release's (`videonsa_layer`, gates added with weights far
-    from 0), saved to `path` with the NSA fields in config.json. Returns (hf model, state): set state["pos"] to
-    the mRoPE ids [3, B, T] of each call; state["caches"] = {} makes every layer keep its k, v across calls (HF's
+def videonsa_checkpoint(path, cfg, nsa: dict, seed: int = 0, mode: str = "videonsa"):
+    """A tiny random HF model whose attention is the release's (`videonsa_layer`; mode "native": `native_layer`)
+    with gates added (weights far from 0), saved to `path` with the NSA fields in config.json. Returns (hf model,
+    state): set state["pos"] to the mRoPE ids [3, B, T] of each call (mode native: state["vision"], the vision
+    tokens [B, T]); state["caches"] = {} makes every layer keep its k, v across calls (HF's
     DynamicCache), state["caches"] = None runs without a cache."""
     import json
     import types
@@ -230,13 +265,18 @@ def videonsa_checkpoint(path, cfg, nsa: dict, seed: int = 0):
         def forward(self, hidden_states, position_embeddings=None, **kw):
             caches = state["caches"]
             cache = None if caches is None else caches.setdefault(self.layer_idx, {})
+            if mode == "native":
+                return native_layer(self, hidden_states, *position_embeddings, state["vision"], state["nsa"],
+                                    cache), None
             return videonsa_layer(self, hidden_states, *position_embeddings, state["pos"], state["nsa"], cache), None
 
         attn.forward = types.MethodType(forward, attn)
     hf.save_pretrained(path)
     with open(path / "config.json") as f:
         d = json.load(f)
-    d.update(nsa_block_size=nsa["block_size"], nsa_block_count=nsa["block_count"],
-             nsa_window_size=nsa["window_size"], nsa_videonsa_lse=nsa.get("lse_reading", "released"))
+    d.update(nsa_mode=mode, nsa_block_size=nsa["block_size"], nsa_block_count=nsa["block_count"],
+             nsa_window_size=nsa["window_size"])
+    if mode == "videonsa":
+        d["nsa_videonsa_lse"] = nsa.get("lse_reading", "released")
     (path / "config.json").write_text(json.dumps(d))
     return hf, state
