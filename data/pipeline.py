@@ -4,7 +4,7 @@ Records (`data/records.py`) are read with Grain's ArrayRecord source (`ShardReco
 the shard file), split by process (record i goes to
 process i % process_count), shuffled with a seed (a new order each epoch), and turned into samples: frames
 normalised and patchified as the video processor does, the Qwen2.5-VL chat template with the video pads
-expanded, labels on the answer tokens, and mRoPE ids from `nsa_jax.rope.get_rope_index`. Samples are then
+expanded, labels on the answer tokens, and mRoPE ids from `nsa_jax.processing.get_rope_index`. Samples are then
 packed in order into the rows of a batch: a row takes samples while its tokens fit `seq_len` and it holds
 fewer than `samples_per_row`; the batch takes samples while rows remain and its pixel rows fit
 `max_patches`. With `samples_per_row=1` every row holds one sample.
@@ -51,8 +51,6 @@ from data.records import decode_record
 from data.shards import ShardError
 from nsa_jax import processing
 from nsa_jax.chat import encode_chat
-from nsa_jax.config import ModelConfig
-from nsa_jax.rope import get_rope_index
 from nsa_jax.tokenizer import ENDOFTEXT, VIDEO_PAD, VISION_END, VISION_START, Tokenizer
 
 IGNORE = -100
@@ -71,7 +69,7 @@ class SkipBudgetError(SampleTooLongError):
     """More samples skipped than `max_skip_fraction` allows."""
 
 
-def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> None:
+def check_tokenizer(tokenizer: Tokenizer, config: processing.PromptTokens) -> None:
     """Raises DataError unless the tokenizer's vision tokens have the ids the model config expects."""
     expected = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,
                 VIDEO_PAD: config.video_token_id}
@@ -95,14 +93,14 @@ def record_messages(conversations: Sequence[dict[str, str]]) -> list[dict[str, A
     return messages
 
 
-def make_sample(record: dict[str, Any], config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def make_sample(record: dict[str, Any], config: processing.PromptTokens, tokenizer: Tokenizer) -> dict[str, Any]:
     """One record -> token ids, labels, mRoPE ids [3, n], pixel rows, grid and second_per_grid_t."""
     # Frames are already resized (predecode); normalise as the video processor does (fused rescale + norm).
     pixels, grid = processing.patchify(processing.normalize(record["frames"], fused=True))
     ids, answer = encode_chat(tokenizer, record_messages(record["conversations"]), video_grid_thw=[grid],
                               merge_size=config.vision.spatial_merge_size)
     spg = float(record["second_per_grid_t"])
-    positions, _ = get_rope_index(ids[None], config, video_grid_thw=[grid], second_per_grid_ts=[spg])
+    positions, _ = processing.get_rope_index(ids[None], config, video_grid_thw=[grid], second_per_grid_ts=[spg])
     return {"id": record["id"], "input_ids": np.asarray(ids, np.int32),
             "labels": np.where(answer, ids, IGNORE).astype(np.int32),
             "position_ids": positions[:, 0].astype(np.int32), "pixels": pixels,
@@ -346,7 +344,7 @@ def _process_records(shard_paths: Sequence[str], process_index: int, process_cou
     return grain.MapDataset.source(ShardRecords(shard_paths))[process_index::process_count]
 
 
-def samples(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, seed: int = 0,
+def samples(shard_paths: Sequence[str], config: processing.PromptTokens, tokenizer: Tokenizer, *, seed: int = 0,
             process_index: int = 0, process_count: int = 1, num_epochs: int | None = None) -> grain.MapDataset:
     """This process's samples (before packing), shuffled; endless unless `num_epochs` is given."""
     check_tokenizer(tokenizer, config)
@@ -354,7 +352,7 @@ def samples(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenize
     return ds.map(lambda record: make_sample(record, config, tokenizer))
 
 
-def dataset(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer, *, batch_size: int,
+def dataset(shard_paths: Sequence[str], config: processing.PromptTokens, tokenizer: Tokenizer, *, batch_size: int,
             seq_len: int, max_patches: int, samples_per_row: int = 1, seed: int = 0, process_index: int = 0,
             process_count: int = 1, num_epochs: int | None = None, num_threads: int = 2,
             prefetch: int = 8, too_long: str = "skip", max_skip_fraction: float = 0.0) -> PackedBatchDataset:
@@ -376,7 +374,7 @@ def dataset(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenize
     return PackedBatchDataset(ds.to_iter_dataset(read), spec, policy)
 
 
-def batches(shard_paths: Sequence[str], config: ModelConfig, tokenizer: Tokenizer,
+def batches(shard_paths: Sequence[str], config: processing.PromptTokens, tokenizer: Tokenizer,
             **kw: Any) -> PackedBatchIterator:
     """An iterator of packed batches with `get_state` / `set_state` (arguments as `dataset`)."""
     return iter(dataset(shard_paths, config, tokenizer, **kw))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.model import KVCache, Qwen25VL, VisionInput
-from nsa_jax.rope import get_rope_index
+from nsa_jax.processing import get_rope_index
 from nsa_jax.vision import vision_layout
 
 BUCKET = 64  # padded prompt and cache lengths are multiples of this

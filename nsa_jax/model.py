@@ -12,7 +12,8 @@ from flax import nnx
 from nsa_jax.config import ModelConfig
 from nsa_jax.language import LayerCache, TextModel, TokenContext
 from nsa_jax.layers import linear
-from nsa_jax.rope import get_rope_index, mrope_cos_sin
+from nsa_jax.processing import get_rope_index
+from nsa_jax.rope import mrope_cos_sin
 from nsa_jax.vision import VisionLayout, VisionTower, vision_layout
 
 

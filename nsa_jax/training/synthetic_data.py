@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.rope import get_rope_index
+from nsa_jax.processing import get_rope_index
 from nsa_jax.training.loss import IGNORE
 
 
