@@ -1,17 +1,24 @@
-"""Converts checkpoints between Hugging Face safetensors and Orbax.
+"""Converts checkpoints between Hugging Face safetensors and Orbax; exports a training run to HF.
 
   python -m launch.convert --direction=hf_to_orbax --src=HF_DIR --dst=ORBAX_DIR --dtype=bfloat16
   python -m launch.convert --direction=orbax_to_hf --src=ORBAX_DIR --dst=HF_DIR --dtype=bfloat16
+  python -m launch.convert --direction=orbax_to_hf --src=WORKDIR[/checkpoints/STEP] --dst=HF_DIR
+
+A training workdir exports its latest step (with the run's tokenizer.json, if it had one). The result is
+written into `<dst>.partial` and renamed to `--dst` when complete; a `.partial` left by an interrupted run
+(a full disk, a kill) is removed by the next run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 from absl import app, flags, logging
 
 flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
-flags.DEFINE_string("src", None, "Source directory.")
+flags.DEFINE_string("src", None, "Source directory (orbax_to_hf: an Orbax directory, a training workdir or one "
+                    "of its checkpoints/<step> directories).")
 flags.DEFINE_string("dst", None, "Destination directory (must not hold a checkpoint already).")
 flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16", "float16"],
                   "Parameter dtype of the result ('keep': as stored).")
@@ -19,20 +26,39 @@ flags.mark_flags_as_required(["direction", "src", "dst"])
 FLAGS = flags.FLAGS
 
 
+def staging_dir(dst: str) -> str:
+    """Where a conversion into `dst` is written before it is renamed to `dst`."""
+    return os.path.normpath(dst) + ".partial"
+
+
+def convert(direction: str, src: str, dst: str, dtype) -> None:
+    """Converts `src` into `staging_dir(dst)`, then renames it to `dst` (an empty or absent directory)."""
+    from nsa_jax import conversion
+
+    staging = staging_dir(dst)
+    if os.path.exists(staging):
+        logging.warning("removing %s, left by an interrupted conversion", staging)
+        shutil.rmtree(staging)
+    if direction == "hf_to_orbax":
+        conversion.save_orbax(conversion.load_hf(src, dtype=dtype), staging)
+    elif conversion.training_step_dir(src) is not None:
+        conversion.save_hf(conversion.load_training(src), staging, dtype=dtype)
+        tokenizer = conversion.training_tokenizer(src)
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(staging, conversion.TOKENIZER))
+    else:
+        conversion.save_hf(conversion.load_orbax(src), staging, dtype=dtype)
+    os.replace(staging, dst)
+
+
 def main(argv) -> None:
     del argv
     import jax.numpy as jnp
-    from nsa_jax import conversion
 
     if os.path.exists(FLAGS.dst) and os.listdir(FLAGS.dst):
         raise app.UsageError(f"--dst={FLAGS.dst} exists and is not empty; refusing to overwrite it")
     dtype = None if FLAGS.dtype == "keep" else jnp.dtype(FLAGS.dtype)
-    if FLAGS.direction == "hf_to_orbax":
-        model = conversion.load_hf(FLAGS.src, dtype=dtype)
-        conversion.save_orbax(model, FLAGS.dst)
-    else:
-        model = conversion.load_orbax(FLAGS.src)
-        conversion.save_hf(model, FLAGS.dst, dtype=dtype)
+    convert(FLAGS.direction, FLAGS.src, FLAGS.dst, dtype)
     logging.info("wrote %s", FLAGS.dst)
     print(f"converted {FLAGS.src} -> {FLAGS.dst} ({FLAGS.direction}, dtype={FLAGS.dtype})")
 

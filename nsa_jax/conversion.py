@@ -2,13 +2,16 @@
 
 HF key layouts read: "flat" (`model.layers.*`, `model.embed_tokens.*`, `visual.*`, `lm_head.*`) and "nested"
 (`model.language_model.*`, `model.visual.*`, `lm_head.*`). VideoNSA checkpoints add per-layer
-`self_attn.g_proj_1.*` / `self_attn.g_proj_2.*`. An Orbax directory holds `config.json` and `params/`.
+`self_attn.g_proj_1.*` / `self_attn.g_proj_2.*`. An Orbax directory holds `config.json` and `params/`; a
+training workdir holds `config.json`, optionally `tokenizer.json`, and `checkpoints/<step>/state` (the train
+state, whose `params` are loaded).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable, Iterator
 
 import jax
@@ -22,6 +25,9 @@ from nsa_jax.config import ModelConfig
 from nsa_jax.model import Qwen25VL, abstract_model
 
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"  # a training workdir's: <workdir>/checkpoints/<step>/state
+STATE_ITEM = "state"
+TOKENIZER = "tokenizer.json"
 SHARD_BYTES = 4 << 30
 
 
@@ -277,28 +283,100 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
     return nnx.merge(graphdef, state, rest)
 
 
-def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None) -> Qwen25VL:
+def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None, compute_dtype=None) -> Qwen25VL:
     """The model whose parameters are the `params` entry of a training-state Orbax item (launch/train.py's
-    `<workdir>/checkpoints/<step>/state`); raises CheckpointError on missing or mis-shaped keys."""
+    `<workdir>/checkpoints/<step>/state`, float32 master parameters), read alone (not the optimizer state);
+    dtype: parameter dtype (None: as stored). Raises CheckpointError on missing or mis-shaped keys."""
+    import orbax.checkpoint as ocp
+    ckpt = ocp.PyTreeCheckpointer()
     try:
-        raw = _checkpointer().restore(os.path.abspath(state_dir))
+        tree = ckpt.metadata(os.path.abspath(state_dir)).item_metadata.tree
     except Exception as e:  # orbax raises many types on a damaged directory
         raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
-    if "params" not in raw:
-        raise CheckpointError(f"{state_dir}: no 'params' entry (keys {sorted(raw)})")
-    stored = {_path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
-    model = abstract_model(config, dtype=dtype or jnp.float32, param_dtype=dtype or jnp.float32)
+    if "params" not in tree:
+        raise CheckpointError(f"{state_dir}: no 'params' entry (keys {sorted(tree)})")
+    stored = {_path_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+    model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    leaves = []
-    for path, var in nnx.to_flat_state(state):
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
         name = ".".join(map(str, path))
         if name not in stored:
-            raise CheckpointError(f"{state_dir}: missing key {name}")
+            raise CheckpointError(f"{state_dir}: missing key params.{name}")
         if tuple(stored[name].shape) != tuple(var.shape):
-            raise CheckpointError(f"{state_dir}: key {name} has shape {tuple(stored[name].shape)}, the model "
-                                  f"expects {tuple(var.shape)}")
-        leaves.append((path, nnx.Param(jnp.asarray(stored[name], dtype or stored[name].dtype))))
+            raise CheckpointError(f"{state_dir}: key params.{name} has shape {tuple(stored[name].shape)}, the "
+                                  f"model expects {tuple(var.shape)}")
+    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype or m.dtype),
+                                tree["params"])
+    try:
+        raw = ckpt.restore(os.path.abspath(state_dir), args=ocp.args.PyTreeRestore(
+            item={"params": tree["params"]}, restore_args={"params": restore_args}, partial_restore=True))
+    except Exception as e:  # orbax raises many types on a damaged directory
+        raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
+    values = {_path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
+    leaves = [(path, nnx.Param(jnp.asarray(values[".".join(map(str, path))]))) for path, _ in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
+
+
+# ---------------------------------------------------------------------------- training workdirs
+
+
+def save_training_files(workdir: str, config: ModelConfig, tokenizer: str | None = None) -> None:
+    """Writes what a load needs beside a training run's checkpoints: `config.json` (the model config) and,
+    when the run has one, a copy of its `tokenizer.json`."""
+    os.makedirs(workdir, exist_ok=True)
+    _write_replacing(os.path.join(workdir, "config.json"), config.to_json)
+    if tokenizer:
+        _write_replacing(os.path.join(workdir, TOKENIZER), lambda tmp: shutil.copyfile(tokenizer, tmp))
+
+
+def _write_replacing(path: str, write: Callable[[str], Any]) -> None:
+    """`write(temporary path)`, then the temporary file replaces `path` (never half a file there)."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def training_tokenizer(path: str) -> str | None:
+    """The `tokenizer.json` the trainer copied into the workdir of a training workdir or step directory."""
+    step_dir = training_step_dir(path)
+    file = None if step_dir is None else os.path.join(training_workdir(step_dir), TOKENIZER)
+    return file if file and os.path.isfile(file) else None
+
+
+def training_step_dir(path: str) -> str | None:
+    """The checkpoint step directory that `path` names: itself (`<workdir>/checkpoints/<step>`) or a training
+    workdir's latest finished step; None when `path` is neither. Raises CheckpointError for a workdir without
+    a finished step."""
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+        return path
+    root = os.path.join(path, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return None
+    steps = [int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM))]
+    if not steps:
+        raise CheckpointError(f"{path}: a training workdir without a finished checkpoint in {root}")
+    return os.path.join(root, str(max(steps)))
+
+
+def training_workdir(step_dir: str) -> str:
+    """The training workdir of a checkpoint step directory (`<workdir>/checkpoints/<step>`)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+
+
+def load_training(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwen25VL:
+    """The model of a training workdir (its latest step) or of one checkpoint step directory, with the model
+    config the trainer wrote beside the checkpoints; dtype None keeps the master parameters' float32."""
+    step_dir = training_step_dir(path)
+    if step_dir is None:
+        raise CheckpointError(f"{path}: neither a training workdir nor a checkpoint step directory")
+    workdir = training_workdir(step_dir)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise CheckpointError(f"{workdir}: no config.json (the trainer writes the model config there; a run "
+                              "older than that needs it written with ModelConfig.to_json for its preset)")
+    config = ModelConfig.from_json(workdir)
+    if nsa is not None:
+        config = config.replace(nsa=nsa)
+    return load_training_params(os.path.join(step_dir, STATE_ITEM), config, dtype=dtype, compute_dtype=compute_dtype)
 
 
 def _path_str(keypath) -> str:
@@ -310,7 +388,8 @@ def is_orbax_dir(path: str) -> bool:
 
 
 def from_pretrained(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwen25VL:
-    """Loads an HF directory (safetensors, sharded too, either key layout) or an Orbax directory.
+    """Loads an HF directory (safetensors, sharded too, either key layout), an Orbax directory, a training
+    workdir (its latest checkpoint) or one of its checkpoint step directories (`<workdir>/checkpoints/<step>`).
 
     dtype: parameter dtype (None keeps the stored dtypes); compute_dtype: activations (default dtype or f32).
     """
@@ -320,4 +399,6 @@ def from_pretrained(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Q
         if nsa is not None:
             raise CheckpointError("nsa overrides apply to HF checkpoints; edit the Orbax config.json instead")
         return load_orbax(path, dtype=dtype, compute_dtype=compute_dtype)
+    if training_step_dir(path) is not None:
+        return load_training(path, dtype=dtype, compute_dtype=compute_dtype, nsa=nsa)
     return load_hf(path, dtype=dtype, compute_dtype=compute_dtype, nsa=nsa)

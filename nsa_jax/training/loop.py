@@ -15,6 +15,7 @@ import numpy as np
 import tqdm
 
 from data.pipeline import fit_counts
+from nsa_jax.conversion import save_training_files
 from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
 from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
@@ -43,15 +44,22 @@ def maybe_initialize_distributed(c: Any) -> None:
         jax.distributed.initialize()
 
 
-def make_tokenizer(config: Any, model_cfg):
-    """`data.tokenizer`, else the tokenizer.json of `model.init_from`, else bytes with the model's special ids."""
-    from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
+def tokenizer_file(config: Any) -> str | None:
+    """The tokenizer.json of `data.tokenizer` (a file or a directory), else of `model.init_from`, else None."""
     path = config.data.tokenizer or config.model.init_from
-    if path and (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
-        return load_tokenizer(path)
+    for file in (path, os.path.join(path, "tokenizer.json")) if path else ():
+        if os.path.isfile(file):
+            return file
     if config.data.tokenizer:
         raise FileNotFoundError(f"data.tokenizer={config.data.tokenizer!r}: no tokenizer.json there")
-    return ByteTokenizer(model_cfg.text.vocab_size)
+    return None
+
+
+def make_tokenizer(config: Any, model_cfg):
+    """The tokenizer of `tokenizer_file`, else bytes with the model's special ids."""
+    from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
+    file = tokenizer_file(config)
+    return load_tokenizer(file) if file else ByteTokenizer(model_cfg.text.vocab_size)
 
 
 def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
@@ -142,13 +150,15 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
         log.warning("resumed from %s", ckpt.step_dir(resume))
     else:
         state = jax.jit(fresh, out_shardings=shardings)(params)
+    lead = jax.process_index() == 0
+    if lead:  # what from_pretrained / convert / eval need to load the checkpoints
+        save_training_files(workdir, model_cfg, tokenizer_file(config))
     data = Prefetched(data)  # the next batches are prepared on the host while the device trains
     del params
     steps = StepFunctions(graphdef, tx, mesh, loss_chunk=t.loss_chunk).compile(shardings)
 
     peak = config.peak_flops_per_device if config.peak_flops_per_device > 0 \
         else flops.peak_flops(jax.devices()[0].device_kind)
-    lead = jax.process_index() == 0
     writer = EventWriter(os.path.join(workdir, "tensorboard")) if lead else None
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
     stop = StopSignal()
