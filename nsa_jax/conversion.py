@@ -9,9 +9,12 @@ state, whose `params` are loaded).
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -25,6 +28,7 @@ from nsa_jax.config import ModelConfig
 from nsa_jax.model import Qwen25VL, abstract_model
 
 PARAMS_DIR = "params"
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 CHECKPOINTS_DIR = "checkpoints"  # a training workdir's: <workdir>/checkpoints/<step>/state
 STATE_ITEM = "state"
 TOKENIZER = "tokenizer.json"
@@ -130,12 +134,31 @@ def iter_hf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
                 yield key, array
 
 
-def hf_keys(path: str) -> list[str]:
-    keys = []
+def hf_dtypes(path: str) -> dict[str, tuple[str, int]]:
+    """{key: (dtype name, element count)} of an HF directory's tensors, from the safetensors headers."""
+    out = {}
     for file in _safetensor_files(path):
         with _open(file) as f:
-            keys.extend(f.keys())
-    return keys
+            for key in f.keys():
+                info = f.get_slice(key)
+                out[key] = (_SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype().lower()),
+                            math.prod(info.get_shape()))
+    return out
+
+
+def checkpoint_dtype(dtypes: dict[str, tuple[str, int]], source: str, loaded_as=None) -> str:
+    """The dtype of most of a checkpoint's elements (from `dtypes`, as `hf_dtypes` gives them); warns naming
+    each key stored in another dtype (a float16 tensor in a float32 checkpoint) and what it is loaded as."""
+    elements: collections.Counter[str] = collections.Counter()
+    for name, count in dtypes.values():
+        elements[name] += count
+    main = elements.most_common(1)[0][0] if elements else "float32"
+    odd = [f"{key} ({name})" for key, (name, _) in dtypes.items() if name != main]
+    if odd:
+        warnings.warn(f"{source}: {len(odd)} tensors are not {main} like the rest of the checkpoint: "
+                      f"{', '.join(odd[:10])}{' ...' if len(odd) > 10 else ''}; loaded as "
+                      f"{jnp.dtype(loaded_as or main).name} (the dtype argument picks another)", stacklevel=3)
+    return main
 
 
 # ---------------------------------------------------------------------------- load
@@ -172,23 +195,26 @@ def _fill(model: Qwen25VL, tensors: Iterator[tuple[str, np.ndarray]], source: st
 
 
 def _caster(param_dtype) -> Callable[[np.ndarray, Any], jax.Array]:
-    """Casts a loaded tensor to param_dtype, or keeps its stored dtype when param_dtype is None."""
-    return lambda array, _: jnp.asarray(array if param_dtype is None else np.asarray(array).astype(param_dtype))
+    """Casts a loaded tensor to param_dtype (no copy when it has that dtype already)."""
+    return lambda array, _: jnp.asarray(np.asarray(array).astype(param_dtype, copy=False))
 
 
 def load_hf(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwen25VL:
     """A model from an HF Qwen2.5-VL or VideoNSA directory (config.json + safetensors).
 
-    dtype: parameter dtype (None keeps each stored tensor's dtype); compute_dtype: activations' dtype
-    (default: dtype, else float32). nsa: an `NSAConfig` overriding the checkpoint's NSA settings.
+    dtype: parameter dtype (None keeps the checkpoint's dtype; a tensor stored in another is cast to it, with a
+    warning naming it); compute_dtype: activations' dtype (default: dtype, else float32). nsa: an `NSAConfig`
+    overriding the checkpoint's NSA settings.
     """
-    keys = hf_keys(path)
+    dtypes = hf_dtypes(path)
+    stored = checkpoint_dtype(dtypes, path, dtype)
+    keys = list(dtypes)
     has_gates = any(".g_proj_1." in k for k in keys)
     config = ModelConfig.from_json(path, has_gates=has_gates).replace(hf_key_layout=detect_layout(keys))
     if nsa is not None:
         config = config.replace(nsa=nsa)
     model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
-    return _fill(model, iter_hf_tensors(path), path, _caster(dtype))
+    return _fill(model, iter_hf_tensors(path), path, _caster(dtype or stored))
 
 
 def save_hf(model: Qwen25VL, path: str, *, dtype=None, layout: str | None = None,
@@ -253,7 +279,8 @@ def save_orbax(model: Qwen25VL, path: str) -> None:
 
 
 def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
-    """A model from an Orbax directory written by `save_orbax` (dtype None keeps the stored dtypes)."""
+    """A model from an Orbax directory written by `save_orbax` (dtype None keeps the stored dtype; a tensor
+    stored in another is cast to it, with a warning naming it)."""
     path = os.path.abspath(path)
     config = ModelConfig.from_json(path)
     model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
@@ -264,6 +291,8 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
         stored = {_path_str(kp): m for kp, m in
                   jax.tree_util.tree_flatten_with_path(ckpt.metadata(params).item_metadata)[0]}
         expected = nnx.to_pure_dict(state)
+        main = checkpoint_dtype({k: (jnp.dtype(m.dtype).name, math.prod(m.shape)) for k, m in stored.items()},
+                                params, dtype)
         leaves = []
         for kp, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
             name = _path_str(kp)
@@ -272,7 +301,7 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
             if tuple(stored[name].shape) != tuple(leaf.shape):
                 raise CheckpointError(f"{params}: key {name} has shape {tuple(stored[name].shape)}, "
                                       f"the model expects {tuple(leaf.shape)}")
-            leaves.append(jax.ShapeDtypeStruct(leaf.shape, dtype or stored[name].dtype))
+            leaves.append(jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype or main)))
         target_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
         restored = ckpt.restore(params, target_tree)
     except CheckpointError:
