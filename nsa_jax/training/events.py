@@ -1,4 +1,5 @@
-"""A minimal TensorBoard event-file writer for scalars (no TensorFlow / tensorboard dependency).
+"""Metrics files: a minimal TensorBoard event-file writer for scalars (no TensorFlow / tensorboard dependency)
+and `metrics.jsonl`, which holds each step once across kills and resumes.
 
 Writes `events.out.tfevents.*` records (TFRecord framing with masked CRC32C around `Event` protobufs,
 encoded by hand: wall_time, step and a `Summary` of simple_value scalars) that TensorBoard reads.
@@ -6,11 +7,12 @@ encoded by hand: wall_time, step and a `Summary` of simple_value scalars) that T
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 import time
-from typing import Mapping
+from typing import Mapping, TextIO
 
 
 def _crc32c_table() -> list[int]:
@@ -88,3 +90,36 @@ class EventWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_metrics(path: str, step: int) -> TextIO:
+    """`path` (metrics.jsonl, one JSON row per step) opened to append the rows after `step`, the step training
+    resumes from: rows of later steps (logged after the last checkpoint by a run that was killed, or past a
+    `resume_from_step`) and a torn last line move to `<name>.abandoned.jsonl` beside it, so the file holds
+    each step once and nothing written is lost."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        later = [line for line in lines if not _row_up_to(line, step)]
+        if later:
+            with open(abandoned_metrics_path(path), "a") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in later)
+            with open(path + ".tmp", "w") as f:
+                f.writelines(line for line in lines if _row_up_to(line, step))
+            os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def abandoned_metrics_path(path: str) -> str:
+    """Where `open_metrics` keeps the rows it takes out of `path`."""
+    return os.path.splitext(path)[0] + ".abandoned.jsonl"
+
+
+def _row_up_to(line: str, step: int) -> bool:
+    """Whether `line` is a whole metrics row of a step <= `step`."""
+    if not line.endswith("\n"):
+        return False
+    try:
+        return int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+        return False

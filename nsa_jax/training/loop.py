@@ -19,7 +19,7 @@ from nsa_jax.conversion import save_training_files
 from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
 from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
-from nsa_jax.training.events import EventWriter
+from nsa_jax.training.events import EventWriter, open_metrics
 from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.prefetch import Prefetched
@@ -160,7 +160,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     peak = config.peak_flops_per_device if config.peak_flops_per_device > 0 \
         else flops.peak_flops(jax.devices()[0].device_kind)
     writer = EventWriter(os.path.join(workdir, "tensorboard")) if lead else None
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
+    metrics_file = open_metrics(os.path.join(workdir, "metrics.jsonl"), int(state.step)) if lead else None
     stop = StopSignal()
     history: list[dict[str, float]] = []
     start = int(state.step)
