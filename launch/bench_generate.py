@@ -152,7 +152,7 @@ def main(argv) -> None:
     graphdef, state = nnx.split(model.visual)
     tower = jax.jit(lambda state, v: nnx.merge(graphdef, state)(v.pixel_values, v.layout))
     _, vision_s, _ = _timed(lambda: tower(state, videos), FLAGS.prefill_iters)
-    del model, tower
+    del model
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": FLAGS.preset,
               "dtype": FLAGS.dtype, "grid": grid[0].tolist(), "vision_pixel_rows": int(grid.prod()),
               "vision_tower_s": vision_s, "rows": []}

@@ -33,7 +33,7 @@ def main(argv) -> None:
     from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
     from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
     from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    from nsa_jax.training.sharding import make_mesh
+    from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
     from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
 

@@ -1,9 +1,27 @@
-"""Dense softmax attention used by the vision tower and the text branch of the language model."""
+"""Dense softmax attention of the language model: the functions (masked, chunked, cached), the per-token context
+every attention layer reads (`TokenContext`), a layer's KV cache (`LayerCache`) and the dense attention layer that
+the VideoNSA layer (`videonsa.py`) extends.
+
+Every attention layer takes an optional KV cache and returns it updated: a chunk's rotated k, v are written at
+slot `ctx.cache_start`. Without `ctx.cache_valid` (a prefill) the chunk attends within itself through the layer's
+own attention (dense or the VideoNSA hybrid); with it (decoding) the chunk attends densely (causal GQA) to every
+visible cached token, as the released VideoNSA decodes (SPEC §2.12: a decode step's token is text, so it takes
+the pure dense path in every mode).
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from nsa_jax.config import TextConfig
+from nsa_jax.head_parallel import head_parallel
+from nsa_jax.layers import Runtime, linear
+from nsa_jax.rope import apply_rotary
 
 # Attention with explicit masks runs this many query rows at a time: masks of [B, 1, chunk, S], not [B, 1, T, S].
 QUERY_CHUNK = 2048
@@ -95,3 +113,73 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     mask = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= start[:, None, None] + jnp.arange(t)[None, :, None])
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
     return jnp.where(mask.any(-1)[..., None, None], out, 0).astype(q.dtype)
+
+
+class TokenContext(NamedTuple):
+    """Per-token facts every attention layer may need, computed once per forward pass."""
+
+    position_ids: jax.Array  # [3, B, T] mRoPE ids
+    cos: jax.Array  # [B, T, D]
+    sin: jax.Array  # [B, T, D]
+    segment_ids: jax.Array | None  # [B, T] packed samples (0 = padding) or None
+    kv_valid: jax.Array | None  # [B, T] keys that exist (padding masked) or None
+    vision_mask: jax.Array  # [B, T] bool: image / video pad tokens
+    cache_start: jax.Array | None = None  # [B] int32: the cache slot of each row's first chunk token
+    cache_valid: jax.Array | None = None  # [B, S] bool: cached slots the chunk may see (None: a prefill)
+
+
+class LayerCache(NamedTuple):
+    """One layer's rotated keys and values [B, S, K, D]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> "LayerCache":
+        """k, v [B, T, K, D] written at slots start[b] .. start[b] + T - 1 of each row."""
+        put = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
+                                                                                  s, axis=0))
+        return LayerCache(put(self.k, k, start), put(self.v, v, start))
+
+
+class DenseAttention(nnx.Module):
+    """Causal GQA self-attention with mRoPE (Qwen2.5-VL)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, runtime: Runtime = Runtime()):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * d, bias=True, **kw)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
+        self.o_proj = linear(self.num_heads * d, cfg.hidden_size, bias=False, **kw)
+        self.implementation = runtime.attention_impl
+        self.mesh: Mesh | None = runtime.mesh
+
+    def qkv(self, x: jax.Array, ctx: TokenContext) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B,T,H,D], k, v [B,T,K,D] after mRoPE."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        cos, sin = ctx.cos.astype(x.dtype), ctx.sin.astype(x.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def __call__(self, x: jax.Array, ctx: TokenContext, cache: LayerCache | None = None
+                 ) -> tuple[LayerCache | None, jax.Array]:
+        """(updated cache, output [B, T, E]); see the module docstring for the cache."""
+        q, k, v = self.qkv(x, ctx)
+        if cache is not None:
+            cache = cache.write(k, v, ctx.cache_start)
+        if cache is not None and ctx.cache_valid is not None:
+            o = cached_attention(q, cache.k, cache.v, ctx.cache_start, ctx.cache_valid)
+        else:
+            o = self.attend(q, k, v, x, ctx)
+        return cache, self.o_proj(o.reshape(*x.shape[:2], -1).astype(x.dtype))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
+        """The attention core over the chunk itself: causal GQA, [B, T, H, D]."""
+        del x
+        attend = lambda q, k, v, segment_ids, kv_valid: dense_attention(
+            q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=self.implementation)
+        return head_parallel(self.mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
+                             num_kv_heads=self.num_kv_heads)

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 INIT = nnx.initializers.normal(0.02)
+
+REMAT_POLICIES = {
+    "none": None,  # no remat
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a model runs, not what it computes (constructor argument of the model and its blocks).
+
+    mesh: the device mesh of training; the attention core runs head-parallel over it (`head_parallel.py`) and
+      decoder layers pin their hidden states to [batch, sequence] (`sharding.activation_sharding`).
+    remat: the rematerialisation policy of the repeated blocks (`REMAT_POLICIES`).
+    attention_impl: `jax.nn.dot_product_attention`'s implementation for dense attention (None: cuDNN where it
+      applies, else XLA's).
+    """
+
+    mesh: Mesh | None = None
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+
+    def call(self, fn: Callable, *args):
+        """fn(*args), its activations rematerialised in the backward pass by the remat policy."""
+        if self.remat == "none":
+            return fn(*args)
+        return nnx.remat(fn, policy=REMAT_POLICIES[self.remat])(*args)
 
 
 def linear(din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype

@@ -10,8 +10,9 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.language import LayerCache, TextModel, TokenContext
-from nsa_jax.layers import linear
+from nsa_jax.attention import LayerCache, TokenContext
+from nsa_jax.language import TextModel
+from nsa_jax.layers import Runtime, linear
 from nsa_jax.processing import get_rope_index
 from nsa_jax.rope import mrope_cos_sin
 from nsa_jax.vision import VisionLayout, VisionTower, vision_layout
@@ -54,10 +55,12 @@ def scatter_vision(embeds: jax.Array, mask: jax.Array, features: jax.Array) -> j
 class Qwen25VL(nnx.Module):
     """`Qwen2_5_VLForConditionalGeneration`: vision tower, language model and LM head."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 runtime: Runtime = Runtime()):
+        """runtime: mesh, remat policy and dense attention implementation (`layers.Runtime`)."""
         self.config = config.validate()
-        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.language_model = TextModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
+        self.language_model = TextModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
         if not config.text.tie_word_embeddings:
             self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, bias=False, rngs=rngs,
                                   dtype=dtype, param_dtype=param_dtype)

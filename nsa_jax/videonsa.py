@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax.attention import dense_attention, dense_attention_rows
+from nsa_jax.attention import DenseAttention, TokenContext, dense_attention, dense_attention_rows
 from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.head_parallel import head_parallel
-from nsa_jax.language import DenseAttention, TokenContext
-from nsa_jax.layers import linear
+from nsa_jax.layers import Runtime, linear
 from pallas_kernels import nsa_attention
 
 
@@ -39,8 +38,8 @@ def nsa_rows(nsa: NSAConfig, ctx: TokenContext) -> jax.Array:
 class NSAAttention(DenseAttention):
     """Qwen2.5-VL attention with the VideoNSA gates (`g_proj_1`, `g_proj_2`) and hybrid routing."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        super().__init__(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, runtime: Runtime = Runtime()):
+        super().__init__(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
         hidden = cfg.text.hidden_size
         self.nsa = cfg.nsa
         self.g_proj_1 = linear(hidden, hidden, bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import VisionConfig
-from nsa_jax.layers import GatedMLP, RMSNorm, linear, make_blocks, run_blocks, runs
+from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, linear, make_blocks, run_blocks, runs
 from nsa_jax.rope import rotate_half
 
 
@@ -115,7 +115,8 @@ class VisionAttention(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, runtime: Runtime = Runtime()):
+        self.runtime = runtime
         self.norm1 = RMSNorm(cfg.hidden_size, 1e-6, param_dtype=param_dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, 1e-6, param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -123,6 +124,9 @@ class VisionBlock(nnx.Module):
                             dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x, cos, sin, seg: Segments):
+        return self.runtime.call(VisionBlock._forward, self, x, cos, sin, seg)
+
+    def _forward(self, x, cos, sin, seg: Segments):
         x = x + self.attn(self.norm1(x), cos, sin, seg)
         return x + self.mlp(self.norm2(x))
 
@@ -156,12 +160,14 @@ class PatchEmbed(nnx.Module):
 class VisionTower(nnx.Module):
     """Pixel rows [N, C*T*P*P] -> merged tokens [N / merge^2, out_hidden_size] in the original order."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 runtime: Runtime = Runtime()):
+        """runtime: only its remat policy applies here (the tower's pixel rows are sharded by the caller)."""
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = PatchEmbed(cfg, **kw)
         self.blocks = nnx.List(make_blocks([None] * cfg.depth, lambda _, r: VisionBlock(
-            cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), rngs))
+            cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, runtime=Runtime(remat=runtime.remat)), rngs))
         self.merger = PatchMerger(cfg, **kw)
         self.dtype = dtype
 

@@ -14,7 +14,7 @@ import pytest
 
 from nsa_jax import NSAConfig, get_rope_index, init_model, save_hf, tiny_config
 from nsa_jax.analysis import _sinks, analyze, branch_weights
-from nsa_jax.language import TokenContext
+from nsa_jax.attention import TokenContext
 from nsa_jax.rope import mrope_cos_sin
 from pallas_kernels import reference as ref
 from pallas_kernels.layout import head_layout

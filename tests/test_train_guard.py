@@ -41,7 +41,7 @@ def test_gradient_accumulation_equals_one_batch():
     from nsa_jax.training.device_batch import device_batch
     from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
     from nsa_jax.training.optimizer import make_optimizer
-    from nsa_jax.training.sharding import make_mesh
+    from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
     from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
 

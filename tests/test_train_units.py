@@ -17,7 +17,7 @@ from nsa_jax.config import tiny_config
 from nsa_jax.training import events, flops
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
 from nsa_jax.training.optimizer import learning_rate_schedule, trainable_labels
-from nsa_jax.training.sharding import logical_to_spec, make_mesh, param_logical_axes
+from nsa_jax.sharding import logical_to_spec, make_mesh, param_logical_axes
 from nsa_jax.model import Qwen25VL, VisionInput
 from nsa_jax.training.vision_batch import frame_chunks, host_chunks, padded_vision_layout, token_order
 from nsa_jax.vision import VisionTower, vision_layout

@@ -16,7 +16,7 @@ from flax import nnx
 from nsa_jax import NSAConfig, from_pretrained, get_rope_index, init_model, save_hf, tiny_config
 from nsa_jax.config import ConfigError
 from nsa_jax.conversion import iter_hf_tensors
-from nsa_jax.language import TokenContext
+from nsa_jax.attention import TokenContext
 from nsa_jax.rope import mrope_cos_sin
 from pallas_kernels import nsa_attention
 from videonsa_torch_reference import videonsa_checkpoint, videonsa_layer

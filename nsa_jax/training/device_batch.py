@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import VisionInput
 from nsa_jax.training.flops import train_step_flops
-from nsa_jax.training.sharding import LOGICAL_RULES, named, shard_batch
+from nsa_jax.sharding import LOGICAL_RULES, named, shard_batch
 from nsa_jax.training.vision_batch import host_chunks, token_order
 
 TOKEN_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")

@@ -23,7 +23,7 @@ from nsa_jax.training.events import EventWriter, open_metrics
 from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.prefetch import Prefetched
-from nsa_jax.training.sharding import make_mesh
+from nsa_jax.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
 from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
 from nsa_jax.training.validation import ConfigError, validate_config

@@ -12,9 +12,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nsa_jax.config import ModelConfig, NSAConfig, TextConfig, VisionConfig, tiny_config
+from nsa_jax.layers import Runtime
 from nsa_jax.model import Qwen25VL
-from nsa_jax.training.remat import prepare_blocks
-from nsa_jax.training.sharding import tree_shardings
+from nsa_jax.sharding import tree_shardings
 
 
 def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
@@ -59,7 +59,7 @@ def nsa_config(c: Any) -> NSAConfig:
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
                        init_from: str = "", attention_impl: str = "") -> tuple[nnx.GraphDef, Any]:
-    """(graphdef with remat + activation sharding, float32 parameters placed by the sharding rules).
+    """(graphdef running on `mesh` with the remat policy, float32 parameters placed by the sharding rules).
 
     attention_impl: `jax.nn.dot_product_attention` implementation of the language model's dense attention
     ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs).
@@ -69,15 +69,13 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     """
     dtype = jnp.dtype(compute_dtype)
 
+    runtime = Runtime(mesh=mesh, remat=remat, attention_impl=attention_impl or None)
+
     def build(key: jax.Array) -> Qwen25VL:
-        return Qwen25VL(config, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=jnp.float32)
+        return Qwen25VL(config, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=jnp.float32, runtime=runtime)
 
     key = jax.random.key(seed)
     abstract = nnx.eval_shape(build, key)
-    prepare_blocks(abstract, mesh, remat)
-    for layer in abstract.language_model.layers:
-        layer.self_attn.implementation = attention_impl or None
-        layer.self_attn.mesh = mesh
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
     init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))

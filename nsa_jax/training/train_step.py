@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
-from nsa_jax.training.sharding import tree_shardings
+from nsa_jax.sharding import tree_shardings
 
 Batch = Mapping[str, Any]  # input_ids, position_ids, labels, [segment_ids], [videos / images: VisionInput in chunks]
 

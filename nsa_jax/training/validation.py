@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from data.pipeline import TOO_LONG_POLICIES
 from nsa_jax.training.optimizer import FREEZE_GROUPS
-from nsa_jax.training.remat import POLICIES
+from nsa_jax.layers import REMAT_POLICIES
 
 DATA_SOURCES = ("synthetic", "shards")
 
@@ -52,7 +52,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.adam_eps": (lambda v: _number(v) and v > 0, "a number > 0"),
     "train.freeze": (lambda v: set(filter(None, v.split(","))) <= set(FREEZE_GROUPS),
                      f"comma-separated names among {sorted(FREEZE_GROUPS)}"),
-    "train.remat": (lambda v: v in POLICIES, f"one of {sorted(POLICIES)}"),
+    "train.remat": (lambda v: v in REMAT_POLICIES, f"one of {sorted(REMAT_POLICIES)}"),
     "train.loss_chunk": _POSITIVE,
     "train.max_bad_steps": _POSITIVE,
     "train.log_every": _POSITIVE,
