@@ -47,7 +47,8 @@ def _step(title: str) -> float:
 
 def _eval(model_dir: str, questions: str, video_root: str, out: str) -> dict:
     cmd = [sys.executable, "-m", "launch.eval", f"--model={model_dir}", f"--questions={questions}",
-           f"--video_root={video_root}", f"--out={out}", f"--fps={FPS}", f"--max_frames={MAX_FRAMES}",
+           f"--video_root={video_root}", f"--out={out}", "--preset=videonsa_train", f"--fps={FPS}", "--min_frames=4",
+           f"--max_frames={MAX_FRAMES}",
            f"--min_pixels={MIN_PIXELS}", f"--max_pixels={MAX_PIXELS}", "--max_new_tokens=12", "--verbosity=-1"]
     subprocess.run(cmd, check=True)
     with open(out) as f:

@@ -1,4 +1,4 @@
-"""Inputs of one prompt about a video: the tokenizer of a checkpoint and a video's decoded, patchified frames."""
+"""The tokenizer of a checkpoint for prompting it (its tokenizer.json, else a byte-level fallback)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,3 @@ def eval_tokenizer(model_dir: str, config, tokenizer_dir: str | None = None):
     free = (i for i in range(256, config.text.vocab_size) if i not in vision.values())
     return ByteTokenizer(config.text.vocab_size, {ENDOFTEXT: next(free), IM_START: next(free), IM_END: next(free),
                                                   **vision})
-
-
-def read_video_inputs(path: str, *, fps: float, min_frames: int, max_frames: int, min_pixels: int,
-                      max_pixels: int):
-    """Frames of a video decoded with PyAV at `fps`, resized and patchified: a `VisionPrompt`."""
-    from data.decode import read_video
-    from nsa_jax import processing
-    from nsa_jax.generate import VisionPrompt
-
-    sampler = lambda total, video_fps: processing.sample_frame_indices(total, video_fps, fps=fps,
-                                                                        min_frames=min_frames, max_frames=max_frames)
-    sampled = read_video(path, sampler)
-    pixels, grid, spg = processing.preprocess_video(sampled.frames, sampled.fps, min_pixels=min_pixels,
-                                                    max_pixels=max_pixels)
-    return VisionPrompt(pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[spg])

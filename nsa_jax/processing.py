@@ -85,11 +85,9 @@ def sample_frame_indices(
     ``temporal_patch_size``), then floored to a multiple of ``temporal_patch_size``.
     ``"qwen_vl_utils"`` (qwen-vl-utils ``smart_nframes``; VideoNSA's ms-swift training and
     lmms-eval): ``min_frames`` is first ceiled to a multiple of the patch, indices are
-    ``round(linspace(0, total_frames - 1, n))`` in exact rational arithmetic (half to even), and
-    the returned fps is the effective rate ``n / total_frames * video_fps``. qwen-vl-utils computes
-    the linspace in torch float32, whose rounding error can move a value across .5: measured on
-    random videos of up to 30k frames sampled to <= 768 frames, ~4% have one index off by one
-    frame; below a few hundred frames the two agree. ``"transformers"`` (``Qwen2VLVideoProcessor.sample_frames``):
+    ``torch.linspace(0, total_frames - 1, n).round()`` as torch computes it in float32
+    (``torch_linspace_round``), and the returned fps is the effective rate ``n / total_frames *
+    video_fps``. ``"transformers"`` (``Qwen2VLVideoProcessor.sample_frames``):
     indices are ``torch.arange(0, total_frames, total_frames / n).int()`` reproduced bit for bit,
     which for some sizes yields ``n + 1`` frames; the returned fps is the requested ``fps`` (what
     ``Qwen2_5_VLProcessor`` puts in ``second_per_grid_ts``). Pass the returned fps to
@@ -108,12 +106,29 @@ def sample_frame_indices(
     if not tps <= n <= total_frames:
         raise ValueError(f"cannot sample {n} frames (a multiple of {tps}) from a video of {total_frames} frames")
     if rule == "qwen_vl_utils":
-        q, r = np.divmod(np.arange(n, dtype=np.int64) * (total_frames - 1), max(n - 1, 1))
-        round_up = (2 * r > n - 1) | ((2 * r == n - 1) & (q % 2 == 1))
-        return q + round_up, n / total_frames * video_fps
+        return torch_linspace_round(0, total_frames - 1, n), n / total_frames * video_fps
     step = total_frames / n
     count = math.ceil(total_frames / step)
     return (np.arange(count) * step).astype(np.float32).astype(np.int64), float(fps)
+
+
+def torch_linspace_round(start: int, end: int, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps).round().long()`` bit for bit, as torch's CPU kernel computes it.
+
+    float32 throughout: ``step = (end - start) / (steps - 1)``; the first ``steps // 2`` values are
+    ``start + step * i``, the rest ``end - step * (steps - 1 - i)``, each a fused multiply-add (one
+    rounding), as the AVX2 / AVX512 builds torch dispatches to on x86 compile it (its non-SIMD
+    ``ATEN_CPU_CAPABILITY=default`` build rounds the product first); then round half to even.
+    """
+    f32 = np.float32
+    if steps == 1:
+        return np.array([start], np.int64)
+    first, last = f32(start), f32(end)
+    step = np.float64(f32(f32(last - first) / f32(steps - 1)))
+    i = np.arange(steps, dtype=np.float64)
+    low = (np.float64(first) + step * i).astype(f32)  # exact in float64, then one rounding to float32
+    high = (np.float64(last) - step * (steps - 1 - i)).astype(f32)
+    return np.rint(np.where(i < steps // 2, low, high)).astype(np.int64)
 
 
 def resize_pil(images: np.ndarray, height: int, width: int) -> np.ndarray:

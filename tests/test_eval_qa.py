@@ -1,4 +1,4 @@
-"""Answer parsing and scoring of nsa_jax.qa on hand-written cases."""
+"""Answer parsing and scoring of the generic task (data/tasks/generic.py) on hand-written cases."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from nsa_jax.qa import (Question, load_questions, normalize_answer, open_answer_correct, parse_option_letter,
-                        prompt_text, score, summarize)
+from data.tasks.generic import (Question, load_questions, normalize_answer, open_answer_correct, parse_option_letter,
+                               prompt_text, score, summarize)
 
 
 @pytest.mark.parametrize("text, letter", [

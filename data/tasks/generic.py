@@ -1,4 +1,4 @@
-"""Video QA questions, prompts and scoring: open-ended answers and multiple choice by option letter.
+"""The generic task (`--questions`): video QA questions, prompts and scoring, open-ended and multiple choice.
 
 A question file is a JSON list or JSONL of objects with `question`, `answer` and a video path (`video`,
 `video_path` or `video_name`), and for multiple choice the options (`options` or `candidates`) with the answer
@@ -15,6 +15,8 @@ import json
 import re
 import string
 from typing import Any, Sequence
+
+from data.tasks.base import Item, Task
 
 LETTERS = "ABCDEFGHIJ"
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -147,5 +149,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     mc = [r for r in records if r["options"]]
     open_ = [r for r in records if not r["options"]]
     kinds = sorted({r.get("kind", "") for r in records} - {""})
-    return {**acc(records), "multiple_choice": acc(mc), "open": acc(open_),
-            "by_kind": {k: acc([r for r in records if r.get("kind") == k]) for k in kinds}}
+    by_kind = {k: acc([r for r in records if r.get("kind") == k]) for k in kinds}
+    overall = acc(records)
+    return {**overall, "multiple_choice": acc(mc), "open": acc(open_), "by_kind": by_kind,
+            "score": overall["accuracy"], "metric": "accuracy", "categories": by_kind}
+
+
+def load(path: str) -> list[Item]:
+    """Items of a question file (the video paths stay relative to --video_root)."""
+    return [Item(q.id, q.video, prompt_text(q), q) for q in load_questions(path)]
+
+
+TASK = Task(name="generic", load=load, score=lambda q, prediction, seed: score(q, prediction), aggregate=summarize,
+            max_new_tokens=16)

@@ -1,0 +1,42 @@
+"""A video's model inputs under a preprocessing preset: decoded with PyAV, sampled, resized and patchified."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from data.decode import read_video
+from nsa_jax import presets, processing
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInputs:
+    pixel_values_videos: np.ndarray  # float32 [N, 1176]
+    video_grid_thw: np.ndarray  # int64 [1, 3]
+    second_per_grid_ts: list[float]
+
+
+def read_video_inputs(path: str, preset: presets.Preset) -> VideoInputs:
+    """The patchified frames of `path` under `preset`; raises data.decode.VideoDecodeError."""
+    sampler = functools.partial(presets.frame_indices, preset=preset)
+    if not preset.lmms_eval:
+        sampled = read_video(path, sampler)
+        pixels, grid, spg = processing.preprocess_video(sampled.frames, sampled.fps, min_pixels=preset.min_pixels,
+                                                        max_pixels=preset.max_pixels)
+        return VideoInputs(pixels, grid, [spg])
+    num_frames = 0
+
+    def counting_sampler(total: int, video_fps: float) -> tuple[np.ndarray, float]:
+        nonlocal num_frames
+        indices, fps = sampler(total, video_fps)
+        num_frames = len(indices)
+        return indices, fps
+
+    def fetch(frame: np.ndarray) -> np.ndarray:  # lmms-eval's fetch_video resize, each frame as it is decoded
+        return presets.fetch_frame(frame, *presets.fetch_size(*frame.shape[:2], num_frames, preset))
+
+    sampled = read_video(path, counting_sampler, fetch)
+    pixels, grid, spg = presets.processor_video(sampled.frames, preset)
+    return VideoInputs(pixels, grid, [spg])
