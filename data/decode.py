@@ -2,7 +2,9 @@
 
 The frame count a sampler sees is the number of frames that really decode (as a decoder that reads the
 whole video reports it): the container's count is tried first, and if decoding disagrees the video is
-decoded once more with the true count.
+decoded once more with the true count. Frames come out upright: the stream's rotation (display matrix side
+data, else a `rotate` metadata tag) is applied. A variable-frame-rate video is sampled by presentation time:
+the sampler's frame numbers are read as evenly spaced times and each picks the frame nearest its time.
 """
 
 from __future__ import annotations
@@ -56,25 +58,47 @@ def _probe(path: str) -> tuple[int, float]:
         return sum(1 for packet in container.demux(stream) if packet.size), fps
 
 
-def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[int, dict[int, tuple[float, np.ndarray]]]:
-    """Decodes the whole video; returns its frame count and {index: (seconds from frame 0, transformed rgb)}
-    of the `wanted` frames."""
+def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Decodes the whole video; returns every frame's time (seconds from frame 0) and {index: transformed
+    upright rgb} of the `wanted` frames."""
     container, stream = _open_video(path)
     kept = {}
-    count = 0
-    start = 0.0
+    times = []
     with container:
         for frame in container.decode(stream):
-            time = float(frame.time or 0.0)
-            if count == 0:
-                start = time
+            count = len(times)
+            times.append(float(frame.time or 0.0))
             if count in wanted:
+                rgb = np.rot90(frame.to_ndarray(format="rgb24"), _quarter_turns(path, stream, frame))
                 try:
-                    kept[count] = (time - start, transform(frame.to_ndarray(format="rgb24")))
+                    kept[count] = transform(np.ascontiguousarray(rgb))
                 except ValueError as e:  # e.g. an aspect ratio smart_resize refuses
                     raise VideoDecodeError(f"{path}: frame {count}: {e}") from e
-            count += 1
-    return count, kept
+    return np.asarray(times, np.float64) - (times[0] if times else 0.0), kept
+
+
+def _quarter_turns(path: str, stream: av.video.stream.VideoStream, frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that make `frame` upright: its display matrix's rotation, else the
+    stream's `rotate` tag (clockwise degrees, as phones and older muxers write it)."""
+    degrees = float(frame.rotation)
+    if not degrees:
+        tag = {k.lower(): v for k, v in stream.metadata.items()}.get("rotate", "0")
+        try:
+            degrees = -float(tag)
+        except ValueError as e:
+            raise VideoDecodeError(f"{path}: rotate tag {tag!r} is not a number of degrees") from e
+    return round(degrees / 90) % 4
+
+
+def _by_time(indices: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """`indices` (frame numbers a sampler picked assuming a constant rate) as the frames nearest to the times
+    they stand for, when `times` (increasing) are not evenly spaced; else `indices` unchanged."""
+    steps = np.diff(times)
+    if len(steps) < 2 or np.any(steps <= 0) or steps.max() - steps.min() <= 0.1 * np.median(steps):
+        return indices  # constant rate (within container rounding), or times that cannot be trusted
+    targets = indices * (times[-1] / (len(times) - 1))
+    right = np.clip(np.searchsorted(times, targets), 1, len(times) - 1)
+    return np.where(targets - times[right - 1] <= times[right] - targets, right - 1, right)
 
 
 def read_video(path: str, sampler: FrameSampler, transform: FrameTransform = lambda frame: frame) -> SampledFrames:
@@ -84,24 +108,26 @@ def read_video(path: str, sampler: FrameSampler, transform: FrameTransform = lam
         total, fps = _probe(path)
         if fps <= 0:
             raise VideoDecodeError(f"{path}: no frame rate")
-        for _ in range(2):
+        indices, sample_fps = _sample(path, sampler, total, fps)
+        times, kept = _decode(path, set(indices.tolist()), transform)
+        if len(times) == 0:
+            raise VideoDecodeError(f"{path}: no decodable frame (zero frames)")
+        if len(times) != total:  # the container's count was wrong: sample again over the frames that decode
+            total = len(times)
             indices, sample_fps = _sample(path, sampler, total, fps)
-            decoded, kept = _decode(path, set(indices.tolist()), transform)
-            if decoded == 0:
-                raise VideoDecodeError(f"{path}: no decodable frame (zero frames)")
-            if decoded == total:
-                break
-            total = decoded  # the container's count was wrong: sample again over the frames that decode
-        else:
-            raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+        indices = _by_time(indices, times)
+        if not kept.keys() >= set(indices.tolist()):
+            again, kept = _decode(path, set(indices.tolist()), transform)
+            if len(again) != total:
+                raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"{path}: {e}") from e
-    shapes = {kept[i][1].shape for i in kept}
+    shapes = {kept[i].shape for i in set(indices.tolist())}
     if len(shapes) > 1:
         raise VideoDecodeError(f"{path}: the frame size changes within the video {sorted(shapes)}")
-    frames = np.stack([kept[i][1] for i in indices.tolist()])
-    times = np.array([kept[i][0] for i in indices.tolist()], np.float32)
-    return SampledFrames(frames=frames, timestamps=times, fps=sample_fps, total_frames=total, video_fps=fps)
+    frames = np.stack([kept[i] for i in indices.tolist()])
+    return SampledFrames(frames=frames, timestamps=times[indices].astype(np.float32), fps=sample_fps,
+                         total_frames=total, video_fps=fps)
 
 
 def _sample(path: str, sampler: FrameSampler, total: int, fps: float) -> tuple[np.ndarray, float]:
