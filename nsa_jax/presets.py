@@ -61,7 +61,7 @@ def lmms_smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
                       factor: int = processing.IMAGE_FACTOR) -> tuple[int, int]:
     """lmms-eval's (qwen-vl-utils') smart_resize: as transformers' but each rounded side is at least `factor`."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
