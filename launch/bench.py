@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pallas_kernels import nsa_attention
+from pallas_kernels import nsa_attention, nsa_variant
 from pallas_kernels.backend import GPU_LOWERINGS, gpu_lowering, gpu_lowering_name
 
 FLAGS = flags.FLAGS
@@ -93,10 +93,10 @@ def _jax_inputs(t: int):
 def _nsa_fn():
     kw = dict(block_size=FLAGS.block_size, block_count=FLAGS.block_count, window_size=FLAGS.window_size,
               impl="pallas")
-    if FLAGS.mode == "videonsa":
-        kw.update(causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released")
-    elif FLAGS.mode == "query_block":
+    if FLAGS.mode == "query_block":
         kw.update(selection="query_block")
+    else:
+        kw.update(nsa_variant(FLAGS.mode).flags())
 
     def nsa(q, k, v, gc, gs, gw):
         with gpu_lowering(FLAGS.gpu_lowering):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.model import Qwen25VL, VisionInput
-from nsa_jax.videonsa import NSAAttention, nsa_rows
+from nsa_jax.videonsa import NSAAttention, kernel_variant, nsa_rows
 from pallas_kernels import reference as ref
 from pallas_kernels.layout import head_layout
 
@@ -44,8 +44,8 @@ def _sinks(weights: np.ndarray, visible: np.ndarray, epsilon: float) -> dict[str
 def branch_weights(attn: NSAAttention, q: jax.Array, k: jax.Array, rows: np.ndarray) -> dict[str, tuple]:
     """Attention weights [rows * heads, keys] and visibility of each branch for batch row 0's query `rows`."""
     nsa = attn.nsa
-    videonsa = nsa.mode == "videonsa"
-    layout = head_layout("videonsa" if videonsa else "gqa", q.shape[2], k.shape[2])
+    variant = kernel_variant(nsa)
+    layout = head_layout(variant.head_layout, q.shape[2], k.shape[2])
     qe = ref.expand_heads(q.astype(jnp.float32), layout)  # [1, T, P, D]
     kf = k.astype(jnp.float32)
     t, p, d = qe.shape[1], qe.shape[2], qe.shape[3]
@@ -58,15 +58,15 @@ def branch_weights(attn: NSAAttention, q: jax.Array, k: jax.Array, rows: np.ndar
     kc = ref.mean_pool(kf, nsa.block_size)[0][:, kv_of]  # [NB, P, D]
     j = np.arange(kc.shape[0])[None, :]
     end = (j + 1) * nsa.block_size - 1
-    vis = (i <= end) if videonsa else (end <= i)
+    vis = (end <= i) if variant.causal_compression else (i <= end)
     s = jnp.einsum("tpd,npd->ptn", qe[0], kc) * scale
     out["cmp"] = (_probs(s, vis[None]), np.broadcast_to(vis, (p, *vis.shape)))
     # Selection: the reference's chosen blocks.
     lse = jax.nn.logsumexp(jnp.where(vis[None], s, -jnp.inf), axis=-1)  # [P, T]
-    lse = ref.read_lse(lse.T[None], nsa.videonsa_lse if videonsa else "per_head")
+    lse = ref.read_lse(lse.T[None], variant.lse_reading)
     imp = ref.block_importance(qe, kf, lse, block_size=nsa.block_size)
     idx = np.asarray(ref.select_blocks(imp, block_size=nsa.block_size, block_count=nsa.block_count,
-                                       tie_break="fla" if videonsa else "recent", group_size=p // k.shape[2],
+                                       tie_break=variant.tie_break, group_size=p // k.shape[2],
                                        segment_ids=jnp.zeros((1, t), jnp.int32)))[0]  # [T, HKV, S]
     key_block = np.arange(t) // nsa.block_size
     chosen = (key_block[None, None, :, None] == idx[:, :, None, :]).any(-1)  # [T, HKV, keys]

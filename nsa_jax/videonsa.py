@@ -20,13 +20,20 @@ from nsa_jax.attention import DenseAttention, TokenContext, dense_attention, den
 from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.head_parallel import head_parallel
 from nsa_jax.layers import Runtime, linear
-from pallas_kernels import nsa_attention
+from pallas_kernels import NSAVariant, nsa_attention, nsa_variant
 
 
 def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
     """[B, T] bool: rows whose three mRoPE ids are not all equal (the released model's routing)."""
     t, h, w = position_ids[0], position_ids[1], position_ids[2]
     return ~((t == h) & (t == w))
+
+
+def kernel_variant(nsa: NSAConfig) -> NSAVariant:
+    """The kernel flags of an NSA config's mode (mode videonsa with its lse reading)."""
+    if nsa.mode == "videonsa":
+        return nsa_variant("videonsa", lse_reading=nsa.videonsa_lse)
+    return nsa_variant(nsa.mode)
 
 
 def nsa_rows(nsa: NSAConfig, ctx: TokenContext) -> jax.Array:
@@ -52,13 +59,11 @@ class NSAAttention(DenseAttention):
         g = self.g_proj_2(jax.nn.gelu(self.g_proj_1(x), approximate=False))
         return g.reshape(*x.shape[:2], self.num_heads, 3) / self.nsa.gate_temperature
 
-    def _nsa(self, q, k, v, gates, segment_ids, *, videonsa: bool) -> jax.Array:
+    def _nsa(self, q, k, v, gates, segment_ids) -> jax.Array:
         n = self.nsa
         return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=n.block_size,
                              block_count=n.block_count, window_size=n.window_size, segment_ids=segment_ids,
-                             causal_compression=not videonsa, head_layout="videonsa" if videonsa else "gqa",
-                             tie_break="fla" if videonsa else "recent", selection=n.selection,
-                             lse_reading=n.videonsa_lse if videonsa else "per_head", impl=n.impl)
+                             selection=n.selection, impl=n.impl, **kernel_variant(n).flags())
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
         """The hybrid over the chunk itself: NSA for the rows `nsa_rows` routes there, dense for the others."""
@@ -78,7 +83,7 @@ class NSAAttention(DenseAttention):
         gates = jax.nn.sigmoid(jnp.where(vision, gate_logits, 0.0))
         zero = jnp.zeros((), q.dtype)
         o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
-                          gates, nsa_segments(segment_ids), videonsa=True)
+                          gates, nsa_segments(segment_ids))
         o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=segment_ids,
                                   kv_valid=kv_valid, implementation=self.implementation)
         return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
@@ -93,8 +98,7 @@ class NSAAttention(DenseAttention):
         inverse = jnp.argsort(order, axis=1)
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
         seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
-        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg,
-                          videonsa=False)
+        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg)
         o_nsa = take(o_nsa, inverse)
         o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
                                        kv_valid=kv_valid, implementation=self.implementation)

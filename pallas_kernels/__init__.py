@@ -1,5 +1,5 @@
 """NSA attention for JAX: a pure-jnp oracle and Pallas kernels (Triton on GPU, Mosaic on TPU, interpret on CPU)."""
 
-from pallas_kernels.api import nsa_attention
+from pallas_kernels.api import VARIANTS, NSAVariant, nsa_attention, nsa_variant
 
-__all__ = ["nsa_attention"]
+__all__ = ["NSAVariant", "VARIANTS", "nsa_attention", "nsa_variant"]

@@ -1,7 +1,8 @@
-"""Public entry point: `nsa_attention`."""
+"""Public entry point: `nsa_attention`, and the NSA variants (the modes of SPEC §2 and §3) as its flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -12,6 +13,34 @@ from pallas_kernels.reference import LSE_READINGS, nsa_reference
 from pallas_kernels.segments import validate_segments
 
 IMPLS = ("auto", "reference", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAVariant:
+    """The semantics flags of `nsa_attention` that an NSA mode fixes (see its docstring)."""
+
+    causal_compression: bool = True
+    head_layout: str = "gqa"
+    tie_break: str = "recent"
+    lse_reading: str = "per_head"
+
+    def flags(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+VARIANTS = {
+    "native": NSAVariant(),  # SPEC §3: causal compression, true GQA, ties to the most recent block
+    # SPEC §2: the released VideoNSA (non-causal compression, padded 64-head layout, fla's tie order, its
+    # top-k's reading of the compression lse)
+    "videonsa": NSAVariant(causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released"),
+}
+
+
+def nsa_variant(mode: str, **overrides) -> NSAVariant:
+    """The variant of NSA mode "native" or "videonsa", with fields overridden (e.g. lse_reading="per_head")."""
+    if mode not in VARIANTS:
+        raise ValueError(f"NSA mode must be one of {sorted(VARIANTS)}, got {mode!r}")
+    return dataclasses.replace(VARIANTS[mode], **overrides)
 
 
 def resolve_impl(impl: str, selection: str = "token") -> str:
@@ -56,7 +85,7 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     lse_reading: the lse the top-k divides each row's block scores by: "per_head" (the row's own) or
       "released" (SPEC §2.11: the released top-k's reading of flex_attention's [P, T] lse buffer as [T, P],
       `reference.read_lse`; tie_break "fla" and selection "token" only).
-    Mode videonsa = causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released".
+    The modes' flags: `nsa_variant(mode).flags()`.
     impl: "reference" (pure jnp oracle), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU for selection
       "query_block" only, interpret mode on CPU) or "auto" (pallas on GPU and, for "query_block", on TPU;
       reference otherwise).

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import nsa_attention
+from pallas_kernels import nsa_attention, nsa_variant
 from pallas_kernels.backend import gpu_lowering, hopper_gpus, lowering_for
 from pallas_kernels.layout import head_layout
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
@@ -16,8 +16,8 @@ from pallas_kernels.segments import segment_bounds
 from pallas_kernels.topk_fused import select_blocks_fused
 from pallas_kernels.topk_query_block import select_blocks_query_block
 
-VIDEONSA = dict(causal_compression=False, head_layout="videonsa", tie_break="fla", lse_reading="released")
-VIDEONSA_OWN_LSE = dict(VIDEONSA, lse_reading="per_head")
+VIDEONSA = nsa_variant("videonsa").flags()
+VIDEONSA_OWN_LSE = nsa_variant("videonsa", lse_reading="per_head").flags()
 QUERY_BLOCK = dict(selection="query_block")
 
 CASES = {  # name: (dtype, b, t, hq, hkv, d, block_size, block_count, window, mode, segment lengths)
