@@ -294,6 +294,11 @@ class PackedBatchIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return self._pending_state if self._pending is not None else self._state_now()
 
+    @staticmethod
+    def counters_of(state: dict[str, Any]) -> dict[str, int]:
+        """The counters a trainer logs from a state of this iterator (`fit_counts`)."""
+        return fit_counts(state)
+
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._pending = self._pending_state = None
@@ -372,6 +377,26 @@ def dataset(shard_paths: Sequence[str], config: processing.PromptTokens, tokeniz
                  process_count=process_count, num_epochs=num_epochs)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return PackedBatchDataset(ds.to_iter_dataset(read), spec, policy)
+
+
+def training_batches(d: Any, config: processing.PromptTokens, tokenizer: Tokenizer, *, process_index: int,
+                     process_count: int) -> PackedBatchIterator:
+    """One process's batches of a training config's `data` section over the shards in `d.shards_dir` (the
+    trainer's `make_shard_batches`): checks the shards and the manifest's sample lengths first."""
+    from data.shards import Manifest, shard_paths
+    paths = shard_paths(d.shards_dir)
+    manifest = Manifest.load(d.shards_dir)
+    max_patches = d.max_patches // process_count
+    misfits = check_lengths([row for i in sorted(manifest.shards) for row in manifest.shards[i].samples],
+                            seq_len=d.seq_len, max_patches=max_patches, merge_size=config.vision.spatial_merge_size,
+                            max_skip_fraction=d.max_skip_fraction)
+    if misfits:
+        log.warning("%d samples of %s never fit and will be skipped, e.g. %s", len(misfits), d.shards_dir,
+                    "; ".join(misfits[:5]))
+    return batches(paths, config, tokenizer, batch_size=d.batch_size // process_count, seq_len=d.seq_len,
+                   max_patches=max_patches, samples_per_row=d.samples_per_row, seed=d.seed,
+                   process_index=process_index, process_count=process_count, too_long=d.too_long,
+                   max_skip_fraction=d.max_skip_fraction)
 
 
 def batches(shard_paths: Sequence[str], config: processing.PromptTokens, tokenizer: Tokenizer,

@@ -70,6 +70,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save and read at INFO
     import configs.demo
     from data.decode import DecodeSettings
+    from data.pipeline import training_batches
     from data.predecode import predecode
     from data.synthetic import generate
     from nsa_jax import conversion, from_pretrained, init_model
@@ -115,7 +116,7 @@ def main(argv) -> None:
     config.train.update(steps=FLAGS.steps, log_every=50)
     config.checkpoint.update(every=FLAGS.steps, keep=1)
     train_dir = os.path.join(work, "train")
-    history = train(config, train_dir)
+    history = train(config, train_dir, make_shard_batches=training_batches)
     losses = [h["loss"] for h in history]
     print(f"loss {np.mean(losses[:10]):.3f} (first 10 steps) -> {np.mean(losses[-10:]):.3f} (last 10) "
           f"({time.perf_counter() - t:.0f} s)")

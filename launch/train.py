@@ -24,13 +24,14 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     del argv
     from data.errors import DataError
+    from data.pipeline import training_batches
     from nsa_jax.training.checkpoint import CheckpointError
     from nsa_jax.training.loop import NonFiniteError, train
     from nsa_jax.training.validation import ConfigError
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        history = train(FLAGS.config, FLAGS.workdir)
+        history = train(FLAGS.config, FLAGS.workdir, make_shard_batches=training_batches)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         sys.exit(f"error: {e}")
     if history:

@@ -101,7 +101,7 @@ def test_training_skips_the_sample_and_reports_it(frames, tmp_path):
     c.data.update(source="shards", shards_dir=frames, batch_size=4, seq_len=128, max_patches=4 * 32)
     c.train.update(steps=13, log_every=1)  # 13 x 4 draws: the long sample is drawn at least once
     c.checkpoint.update(every=100, save_last=False)
-    history = train(c, str(tmp_path / "run"))
+    history = train(c, str(tmp_path / "run"), make_shard_batches=pipeline.training_batches)
     assert [r["step"] for r in history] == list(range(1, 14))
     assert history[-1]["skipped_samples"] >= 1 and history[-1]["truncated_samples"] == 0
     with open(tmp_path / "run" / "metrics.jsonl") as f:

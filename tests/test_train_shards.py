@@ -13,6 +13,7 @@ from configs.tiny import get_config
 from data.decode import DecodeSettings
 from data.predecode import predecode
 from data.synthetic import generate
+from data.pipeline import training_batches
 from nsa_jax.training.loop import train
 
 
@@ -29,14 +30,14 @@ def test_shards_training_resumes_with_the_data_state(tmp_path):
     c.checkpoint.update(every=2, keep=5)
     work = str(tmp_path / "run")
     try:
-        first = {r["step"]: r["loss"] for r in train(c, work)}
+        first = {r["step"]: r["loss"] for r in train(c, work, make_shard_batches=training_batches)}
         states = []
         for step in (2, 4):  # Grain's iterator state travels with each checkpoint and moves on
             with open(os.path.join(work, "checkpoints", str(step), "data", "metadata")) as f:
                 states.append(json.load(f))
         assert states[0] and states[0] != states[1]
         c.checkpoint.resume_from_step = 2
-        again = {r["step"]: r["loss"] for r in train(c, work)}
+        again = {r["step"]: r["loss"] for r in train(c, work, make_shard_batches=training_batches)}
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
     assert sorted(first) == [1, 2, 3, 4] and sorted(again) == [3, 4]

@@ -7,14 +7,13 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from data.pipeline import fit_counts
 from nsa_jax.conversion import save_training_files
 from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
@@ -62,11 +61,16 @@ def make_tokenizer(config: Any, model_cfg):
     return load_tokenizer(file) if file else ByteTokenizer(model_cfg.text.vocab_size)
 
 
-def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
-    """This process's host batches (each process draws its own rows: batch_size / process_count).
+BatchFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
 
-    "synthetic": `SyntheticBatches`; "shards": the Grain pipeline (`data/pipeline.py`) over the pre-decoded
-    ArrayRecord shards in `data.shards_dir`. Both iterators have get_state / set_state.
+
+def make_batches(config: Any, model_cfg, make_shard_batches: BatchFactory | None) -> Iterator[dict[str, np.ndarray]]:
+    """This process's host batches (each process draws its own rows: batch_size / process_count), an iterator
+    with get_state / set_state.
+
+    "synthetic": `SyntheticBatches`; "shards": `make_shard_batches(config.data, model_cfg, tokenizer,
+    process_index=..., process_count=...)`, the data pipeline the caller hands in (`launch/train.py` hands in
+    `data.pipeline.training_batches`: the trainer knows no pipeline).
     """
     d = config.data
     from nsa_jax.videonsa import check_native_packing
@@ -77,22 +81,11 @@ def make_data(config: Any, model_cfg) -> Iterator[dict[str, np.ndarray]]:
                                 video_grid=tuple(d.video_grid), max_patches=d.max_patches // count,
                                 seed=d.seed * 1000 + jax.process_index(), poison_steps=tuple(d.poison_steps),
                                 text_vocab=d.text_vocab)
-    if d.source == "shards":
-        from data.pipeline import batches, check_lengths
-        from data.shards import Manifest, shard_paths
-        paths = shard_paths(d.shards_dir)
-        manifest = Manifest.load(d.shards_dir)
-        misfits = check_lengths([row for i in sorted(manifest.shards) for row in manifest.shards[i].samples],
-                                seq_len=d.seq_len, max_patches=d.max_patches // count,
-                                merge_size=model_cfg.vision.spatial_merge_size, max_skip_fraction=d.max_skip_fraction)
-        if misfits:
-            log.warning("%d samples of %s never fit and will be skipped, e.g. %s", len(misfits), d.shards_dir,
-                        "; ".join(misfits[:5]))
-        return batches(paths, model_cfg, make_tokenizer(config, model_cfg),
-                       batch_size=per_process, seq_len=d.seq_len, max_patches=d.max_patches // count,
-                       samples_per_row=d.samples_per_row, seed=d.seed, process_index=jax.process_index(),
-                       process_count=count, too_long=d.too_long, max_skip_fraction=d.max_skip_fraction)
-    raise ConfigError(f"config.data.source={d.source!r}: expected 'synthetic' or 'shards'")
+    if make_shard_batches is None:
+        raise ConfigError("config.data.source='shards' needs the data pipeline: train through launch.train, or "
+                          "pass make_shard_batches=data.pipeline.training_batches")
+    return make_shard_batches(d, model_cfg, make_tokenizer(config, model_cfg), process_index=jax.process_index(),
+                              process_count=count)
 
 
 class StopSignal:
@@ -109,8 +102,10 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: Any, workdir: str) -> list[dict[str, float]]:
+def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = None) -> list[dict[str, float]]:
     """Trains per `config`, writing checkpoints, metrics.jsonl and TensorBoard events under workdir.
+
+    make_shard_batches: the data pipeline over pre-decoded shards, for `data.source="shards"` (`make_batches`).
 
     Returns the metrics of the steps run by this call. Raises ConfigError naming the fields of a config that
     cannot work (before any work), DataError (data/errors.py) naming the file or sample of bad data,
@@ -122,6 +117,9 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     t = config.train
     mesh = make_mesh(dict(config.mesh))
     model_cfg = model_config(config.model.preset, nsa_config(config.model.nsa))
+    data = make_batches(config, model_cfg, make_shard_batches)  # before the model: bad data stops at once
+    # The counters a batch iterator keeps in its state (e.g. samples the pipeline skipped or truncated).
+    counters_of = getattr(type(data), "counters_of", lambda state: {})
     graphdef, params = split_for_training(model_cfg, mesh, compute_dtype=config.model.compute_dtype,
                                           remat=t.remat, seed=t.seed, init_from=config.model.init_from,
                                           attention_impl=config.model.attention_impl)
@@ -132,7 +130,6 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
     fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
-    data = make_data(config, model_cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
                         save_every=config.checkpoint.every, async_save=config.checkpoint.async_save,
                         config=json.loads(config.to_json_best_effort()))
@@ -178,7 +175,7 @@ def train(config: Any, workdir: str) -> list[dict[str, float]]:
                       "finite": bool(finite), "learning_rate": float(schedule(step)),
                       "tokens_per_s": sum(a + b for a, b in counts) * jax.process_count() / (now - last),
                       "step_time_s": now - last}
-            record.update(fit_counts(data.get_state()))
+            record.update(counters_of(data.get_state()))
             if peak:
                 record["mfu"] = step_flops * jax.process_count() / (now - last) / (peak * jax.device_count())
             last = now

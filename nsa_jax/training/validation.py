@@ -6,11 +6,11 @@ import math
 import os
 from typing import Any, Callable
 
-from data.pipeline import TOO_LONG_POLICIES
 from nsa_jax.training.optimizer import FREEZE_GROUPS
 from nsa_jax.layers import REMAT_POLICIES
 
 DATA_SOURCES = ("synthetic", "shards")
+TOO_LONG_POLICIES = ("skip", "truncate")  # what the data pipeline does with a sample that does not fit
 
 
 class ConfigError(ValueError):
