@@ -15,12 +15,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# lmms-eval's own answer parsers are the oracle of tests/test_eval_scoring.py: its files, not its dependencies.
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 
 demo: venv
 	$(PY) -m launch.demo
 
 test: venv
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 clean:

@@ -8,7 +8,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
-        preset="tiny",  # "tiny", "demo", "videonsa_1b" or "qwen25vl_7b" (nsa_jax.training.model_setup)
+        preset="tiny",  # a model variant of nsa_jax.config.MODEL_PRESETS (tiny, demo, videonsa_1b, ...)
         init_from="",  # HF safetensors directory or Orbax directory; "" = random initialisation
         compute_dtype="float32",  # activations / matmuls; parameters (master weights) stay float32
         attention_impl="",  # dense attention: "" = XLA's choice, "cudnn" = cuDNN flash attention (GPU)

@@ -33,11 +33,10 @@ FLAGS = flags.FLAGS
 
 
 def _config(mode: str):
-    from nsa_jax.config import ModelConfig, NSAConfig, tiny_config
+    from nsa_jax.config import NSAConfig, model_preset
 
-    if FLAGS.preset == "tiny":
-        return tiny_config(nsa=NSAConfig(mode=mode, block_size=8, block_count=2, window_size=16))
-    return ModelConfig(nsa=NSAConfig(mode=mode)).validate()
+    small = {} if FLAGS.preset == "qwen25vl_7b" else dict(block_size=8, block_count=2, window_size=16)
+    return model_preset(FLAGS.preset, NSAConfig(mode=mode, **small))
 
 
 def _grid(cfg) -> np.ndarray:

@@ -31,7 +31,8 @@ def main(argv) -> None:
     del argv
     from nsa_jax.training import flops
     from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
-    from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+    from nsa_jax.config import NSAConfig, model_preset
+    from nsa_jax.training.model_setup import split_for_training
     from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
@@ -39,7 +40,7 @@ def main(argv) -> None:
 
     c, t, d = FLAGS.config, FLAGS.config.train, FLAGS.config.data
     mesh = make_mesh(dict(c.mesh))
-    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     graphdef, params = split_for_training(cfg, mesh, compute_dtype=c.model.compute_dtype, remat=t.remat,
                                           seed=0, attention_impl=c.model.attention_impl)
     tx = make_optimizer(params, learning_rate=learning_rate_schedule(t.learning_rate, 1000, 0.1, 0.0),

@@ -75,7 +75,7 @@ def main(argv) -> None:
     from data.synthetic import generate
     from nsa_jax import conversion, from_pretrained, init_model
     from nsa_jax.training.loop import train
-    from nsa_jax.training.model_setup import model_config, nsa_config
+    from nsa_jax.config import NSAConfig, model_preset
 
     work = os.path.abspath(FLAGS.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -122,7 +122,7 @@ def main(argv) -> None:
           f"({time.perf_counter() - t:.0f} s)")
 
     t = _step("4/6 export to Hugging Face format and reload check")
-    model_cfg = model_config(config.model.preset, nsa_config(config.model.nsa))
+    model_cfg = model_preset(config.model.preset, NSAConfig.from_dict(config.model.nsa))
     trained = conversion.load_training_params(os.path.join(train_dir, "checkpoints", str(FLAGS.steps), "state"),
                                               model_cfg)
     hf_dir = os.path.join(work, "hf_trained")

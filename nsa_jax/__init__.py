@@ -1,11 +1,25 @@
-"""VideoNSA in JAX: Qwen2.5-VL with Native Sparse Attention for video tokens, in Flax NNX."""
+"""VideoNSA in JAX: Qwen2.5-VL with Native Sparse Attention for video tokens, in Flax NNX.
 
-from nsa_jax.config import ConfigError, ModelConfig, NSAConfig, TextConfig, VisionConfig, tiny_config
-from nsa_jax.conversion import CheckpointError, from_pretrained, save_hf, save_orbax
-from nsa_jax.model import Qwen25VL, VisionInput, init_model
-from nsa_jax.processing import get_rope_index
-from nsa_jax.vision import vision_layout
+The names below load their module on first use, so importing a processor module (`nsa_jax.processing`,
+`nsa_jax.chat`, `nsa_jax.tokenizer`, `nsa_jax.presets`), as the data pipeline does, loads no network code.
+"""
 
-__all__ = ["ConfigError", "CheckpointError", "ModelConfig", "NSAConfig", "TextConfig", "VisionConfig",
-           "Qwen25VL", "VisionInput", "from_pretrained", "get_rope_index", "init_model", "save_hf", "save_orbax",
-           "tiny_config", "vision_layout"]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "config", "ModelConfig": "config", "NSAConfig": "config", "TextConfig": "config",
+    "VisionConfig": "config", "tiny_config": "config",
+    "CheckpointError": "conversion", "from_pretrained": "conversion", "save_hf": "conversion",
+    "save_orbax": "conversion",
+    "Qwen25VL": "model", "VisionInput": "model", "init_model": "model",
+    "get_rope_index": "processing",
+    "vision_layout": "vision",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nsa_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nsa_jax.{_EXPORTS[name]}"), name)

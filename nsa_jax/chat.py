@@ -54,7 +54,8 @@ def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False
     for i, message in enumerate(messages):
         if i == 0 and message["role"] != "system":
             parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
-        parts.append(f"{IM_START}{message['role']}\n{_render_content(message['content'], counts, add_vision_id)}{IM_END}\n")
+        content = _render_content(message["content"], counts, add_vision_id)
+        parts.append(f"{IM_START}{message['role']}\n{content}{IM_END}\n")
     if add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 NSAMode = Literal["dense", "videonsa", "native"]
 
@@ -80,6 +80,18 @@ class NSAConfig:
     # Mode videonsa's top-k lse (SPEC §2.11): "released" (the release's reading of the compression lse buffer)
     # or "per_head" (each head's own).
     videonsa_lse: str = "released"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "NSAConfig":
+        """From a mapping (a training config's `model.nsa`): every field it sets, the others default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d.keys()) - names)
+        if unknown:
+            raise ConfigError(f"nsa config: unknown fields {unknown}; expected some of {sorted(names)}")
+        kw = {name: d[name] for name in names if name in d}
+        if kw.get("layers") is not None:
+            kw["layers"] = tuple(kw["layers"])
+        return cls(**kw)
 
     def uses_nsa(self, layer: int) -> bool:
         return self.mode != "dense" and (self.layers is None or layer in self.layers)
@@ -282,3 +294,38 @@ def tiny_config(*, tie_word_embeddings: bool = False, mrope_section: Sequence[in
         # The special ids of `nsa_jax.tokenizer.ByteTokenizer()`'s default layout (text bytes are 0..255).
         nsa=nsa, vision_start_token_id=259, vision_end_token_id=260, image_token_id=261, video_token_id=262,
     ).validate()
+
+
+def _demo(nsa: NSAConfig) -> ModelConfig:
+    return tiny_config(nsa=nsa, num_layers=4).replace(
+        text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                        max_position_embeddings=8192),
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, window_size=56,
+                            out_hidden_size=128, fullatt_block_indexes=(1,)))
+
+
+def _qwen25_sized(hidden: int, mlp: int, layers: int, heads: int) -> Callable[[NSAConfig], ModelConfig]:
+    """A Qwen2.5(-VL)-sized language model (2 KV heads, tied embeddings) on the 7B's vision tower."""
+    return lambda nsa: ModelConfig(
+        text=TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=2, tie_word_embeddings=True),
+        vision=VisionConfig(out_hidden_size=hidden), nsa=nsa)
+
+
+# Model variants by name: tiny (tests), demo (CPU), videonsa_1b (benchmark: a Qwen2.5-1.5B-sized LLM), videonsa_3b
+# (Qwen2.5-VL-3B sized: multi-GPU runs), qwen25vl_7b (the paper's).
+MODEL_PRESETS: dict[str, Callable[[NSAConfig], ModelConfig]] = {
+    "tiny": lambda nsa: tiny_config(nsa=nsa),
+    "demo": _demo,
+    "videonsa_1b": _qwen25_sized(1536, 8960, 28, 12),
+    "videonsa_3b": _qwen25_sized(2048, 11008, 36, 16),
+    "qwen25vl_7b": lambda nsa: ModelConfig(nsa=nsa),
+}
+
+
+def model_preset(name: str, nsa: NSAConfig = NSAConfig()) -> ModelConfig:
+    """The model config of variant `name` (`MODEL_PRESETS`) with these NSA settings."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model preset {name!r}: expected one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name](nsa).validate()

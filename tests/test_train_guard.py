@@ -39,14 +39,15 @@ def test_gradient_accumulation_equals_one_batch():
     import jax.numpy as jnp
 
     from nsa_jax.training.device_batch import device_batch
-    from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+    from nsa_jax.config import NSAConfig, model_preset
+    from nsa_jax.training.model_setup import split_for_training
     from nsa_jax.training.optimizer import make_optimizer
     from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
     from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
 
     c = get_config()
-    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     graphdef, params = split_for_training(cfg, mesh, compute_dtype="float32", remat="none", seed=0)
     tx = make_optimizer(params, learning_rate=1e-2, weight_decay=0.01, grad_clip=1.0)

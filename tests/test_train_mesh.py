@@ -24,7 +24,8 @@ def _compare_layouts() -> dict:
 
     from configs.tiny import get_config
     from nsa_jax.training.device_batch import device_batch
-    from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+    from nsa_jax.config import NSAConfig, model_preset
+    from nsa_jax.training.model_setup import split_for_training
     from nsa_jax.training.optimizer import make_optimizer
     from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
@@ -46,7 +47,7 @@ def _compare_layouts() -> dict:
     out = {}
     for mode in MODES:
         c.model.nsa.mode = mode
-        cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+        cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
         host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
         ref_loss, ref_tokens, ref_grads, _, _ = run(cfg, host, {"data": 1}, jax.devices()[:1])
         out[mode] = {"reference": ref_loss, "layouts": []}

@@ -18,7 +18,8 @@ import pytest
 from configs.tiny import get_config
 from nsa_jax.model import VisionInput
 from nsa_jax.training.device_batch import device_batch
-from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+from nsa_jax.config import NSAConfig, model_preset
+from nsa_jax.training.model_setup import split_for_training
 from nsa_jax.training.optimizer import make_optimizer
 from nsa_jax.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
@@ -46,7 +47,7 @@ def test_two_processes_match_one(tmp_path):
 
     # The oracle while they run: one device, both processes' rows (seeds 0 and 1), no pixel padding at all.
     c = get_config()
-    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     hosts = [SyntheticBatches(cfg, batch_size=4, seq_len=64, video_grid=(2, 4, 4), max_patches=144, seed=p).batch(0)
              for p in (0, 1)]
     tokens = {k: np.concatenate([h[k] for h in hosts], axis=1 if k == "position_ids" else 0)

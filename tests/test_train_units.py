@@ -88,9 +88,9 @@ def test_sharding_rules():
 def test_videonsa_3b_config_parameter_count_by_hand():
     from configs.videonsa_3b import get_config
     from nsa_jax.model import Qwen25VL
-    from nsa_jax.training.model_setup import model_config, nsa_config
+    from nsa_jax.config import NSAConfig, model_preset
     c = get_config()
-    cfg = model_config(c.model.preset, nsa_config(c.model.nsa))
+    cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
     counted = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     h, kv, mlp, heads = 2048, 256, 11008, 16  # Qwen2.5-3B: width, KV width (2 x 128), MLP, query heads

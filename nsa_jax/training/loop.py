@@ -19,7 +19,8 @@ from nsa_jax.training import flops
 from nsa_jax.training.checkpoint import Checkpointer, abstract_like
 from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
 from nsa_jax.training.events import EventWriter, open_metrics
-from nsa_jax.training.model_setup import model_config, nsa_config, split_for_training
+from nsa_jax.config import NSAConfig, model_preset
+from nsa_jax.training.model_setup import split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.prefetch import Prefetched
 from nsa_jax.sharding import make_mesh
@@ -116,7 +117,7 @@ def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = N
     validate_config(config, jax.process_count())
     t = config.train
     mesh = make_mesh(dict(config.mesh))
-    model_cfg = model_config(config.model.preset, nsa_config(config.model.nsa))
+    model_cfg = model_preset(config.model.preset, NSAConfig.from_dict(config.model.nsa))
     data = make_batches(config, model_cfg, make_shard_batches)  # before the model: bad data stops at once
     # The counters a batch iterator keeps in its state (e.g. samples the pipeline skipped or truncated).
     counters_of = getattr(type(data), "counters_of", lambda state: {})

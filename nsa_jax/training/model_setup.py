@@ -1,8 +1,7 @@
-"""Model configs by preset name and the model split into (graphdef, float32 parameter dict) for training."""
+"""The model split into (graphdef, float32 parameter dict) for training."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -11,50 +10,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from nsa_jax.config import ModelConfig, NSAConfig, TextConfig, VisionConfig, tiny_config
+from nsa_jax.config import ModelConfig
 from nsa_jax.layers import Runtime
 from nsa_jax.model import Qwen25VL
 from nsa_jax.sharding import tree_shardings
-
-
-def model_config(preset: str, nsa: NSAConfig) -> ModelConfig:
-    """tiny (tests), demo (CPU), videonsa_1b (benchmark: Qwen2.5-1.5B-sized LLM), videonsa_3b (Qwen2.5-VL-3B
-    sized: multi-GPU runs) or qwen25vl_7b (the paper)."""
-    if preset == "tiny":
-        return tiny_config(nsa=nsa)
-    if preset == "demo":
-        base = tiny_config(nsa=nsa, num_layers=4)
-        return base.replace(text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                            mrope_section=(4, 6, 6), max_position_embeddings=8192),
-                            vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                                                window_size=56, out_hidden_size=128,
-                                                fullatt_block_indexes=(1,))).validate()
-    if preset == "videonsa_1b":
-        return ModelConfig(text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                           num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                           tie_word_embeddings=True),
-                           vision=VisionConfig(out_hidden_size=1536), nsa=nsa).validate()
-    if preset == "videonsa_3b":
-        return ModelConfig(text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                           num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                                           tie_word_embeddings=True),
-                           vision=VisionConfig(out_hidden_size=2048), nsa=nsa).validate()
-    if preset == "qwen25vl_7b":
-        return ModelConfig(nsa=nsa).validate()
-    raise ValueError(f"model preset {preset!r}: expected tiny, demo, videonsa_1b, videonsa_3b or "
-                     "qwen25vl_7b")
-
-
-def nsa_config(c: Any) -> NSAConfig:
-    """NSAConfig from the config's `model.nsa` dict: every NSAConfig field it sets (others keep defaults)."""
-    kw = {f.name: c[f.name] for f in dataclasses.fields(NSAConfig) if f.name in c}
-    if kw.get("layers") is not None:
-        kw["layers"] = tuple(kw["layers"])
-    unknown = sorted(set(c.keys()) - {f.name for f in dataclasses.fields(NSAConfig)})
-    if unknown:
-        raise ValueError(f"config.model.nsa: unknown fields {unknown}")
-    return NSAConfig(**kw)
 
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
