@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import numpy as np
@@ -57,24 +56,6 @@ def get_preset(name: str, **overrides: Any) -> Preset:
     return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def lmms_smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
-                      factor: int = processing.IMAGE_FACTOR) -> tuple[int, int]:
-    """lmms-eval's (qwen-vl-utils') smart_resize: as transformers' but each rounded side is at least `factor`."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def frame_indices(total_frames: int, video_fps: float, preset: Preset) -> tuple[np.ndarray, float]:
     """The frames to decode and the sampling rate: lmms-eval's smart_nframes + torch's float32 linspace for
     ``lmms_eval`` presets (whose fps the processor ignores), else the predecoder's sampler."""
@@ -85,7 +66,8 @@ def frame_indices(total_frames: int, video_fps: float, preset: Preset) -> tuple[
 def fetch_size(height: int, width: int, num_frames: int, preset: Preset) -> tuple[int, int]:
     """The size lmms-eval's fetch_video resizes decoded frames to (its max_pixels bound included)."""
     bound = max(min(LMMS_VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / num_frames * 2), int(preset.min_pixels * 1.05))
-    return lmms_smart_resize(height, width, preset.min_pixels, min(preset.max_pixels, bound))
+    return processing.smart_resize(height, width, processing.IMAGE_FACTOR, preset.min_pixels,
+                                   min(preset.max_pixels, bound), at_least_factor=True)
 
 
 def resize_float(frames: np.ndarray, height: int, width: int) -> np.ndarray:

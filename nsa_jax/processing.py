@@ -46,11 +46,14 @@ def smart_resize(
     factor: int = IMAGE_FACTOR,
     min_pixels: int = IMAGE_MIN_PIXELS,
     max_pixels: int = IMAGE_MAX_PIXELS,
+    *,
+    at_least_factor: bool = False,
 ) -> tuple[int, int]:
     """Target (height, width): multiples of ``factor``, area in [min_pixels, max_pixels], aspect kept.
 
     Same arithmetic as transformers' ``qwen2_vl.image_processing_qwen2_vl.smart_resize`` (Python's
     round-half-to-even included); ``max_pixels`` is checked first, so it wins when both bind.
+    at_least_factor: each rounded side is at least ``factor``, as qwen-vl-utils' (and lmms-eval's) copy has it.
     """
     if max(height, width) / min(height, width) > 200:
         raise ValueError(
@@ -58,6 +61,8 @@ def smart_resize(
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
+    if at_least_factor:
+        h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)

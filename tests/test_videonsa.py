@@ -100,16 +100,22 @@ def test_lse_readings_each_match_the_release_and_differ(videonsa_pair, tmp_path)
     assert np.abs(logits["released"] - logits["per_head"]).max() > 1e-2
 
 
+def _layer_case(cfg, seed: int, grid: tuple[int, int, int], text: tuple[int, int], spg: float):
+    """Random hidden states of a video prompt: (x [1, T, E], the token context of ours, mRoPE ids [3, 1, T])."""
+    rng = np.random.default_rng(seed)
+    ids = _tokens(cfg, rng, grid=grid, text=text)
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[list(grid)], second_per_grid_ts=[spg])
+    x = rng.standard_normal((1, ids.shape[1], cfg.text.hidden_size)).astype(np.float32)
+    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+    return x, TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id)), pos
+
+
 def test_videonsa_layer_gradients_match_torch(videonsa_pair):
     """Fine-tuning the released model: gradients of one layer (released lse reading) through the hidden states,
     q_proj and the gates equal torch autograd through the release's path."""
     hf, _, ours, _ = videonsa_pair
-    cfg = ours.config
-    rng = np.random.default_rng(5)
-    ids = _tokens(cfg, rng, grid=(4, 4, 4), text=(3, 5))
-    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[4, 4, 4]], second_per_grid_ts=[2.0])
-    x = rng.standard_normal((1, ids.shape[1], cfg.text.hidden_size)).astype(np.float32)
-    w = rng.standard_normal(x.shape).astype(np.float32)
+    x, ctx, pos = _layer_case(ours.config, 5, (4, 4, 4), (3, 5), 2.0)
+    w = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
     attn_t = hf.model.language_model.layers[0].self_attn
     xt = torch.from_numpy(x).requires_grad_(True)
     cos_t, sin_t = hf.model.language_model.rotary_emb(xt, torch.from_numpy(pos))
@@ -117,11 +123,8 @@ def test_videonsa_layer_gradients_match_torch(videonsa_pair):
     out = videonsa_layer(attn_t, xt, cos_t, sin_t, torch.from_numpy(pos), NSA)
     (out * torch.from_numpy(w)).sum().backward()
 
-    attn = ours.language_model.layers[0].self_attn
-    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id))
     loss = lambda m, h: (m(h, ctx)[1] * w).sum()
-    grads, gx = nnx.grad(loss, argnums=(0, 1))(attn, jnp.asarray(x))
+    grads, gx = nnx.grad(loss, argnums=(0, 1))(ours.language_model.layers[0].self_attn, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy(), atol=1e-4, rtol=1e-4)
     for name, theirs in (("q_proj", attn_t.q_proj.weight.grad.T), ("g_proj_1", attn_t.g_proj_1.weight.grad.T),
                          ("g_proj_2", attn_t.g_proj_2.weight.grad.T)):
@@ -133,18 +136,12 @@ def test_videonsa_layer_gradients_match_torch(videonsa_pair):
 def test_videonsa_layer_matches_torch_oracle(videonsa_pair):
     """One layer on random hidden states, with vision rows whose ids happen to be equal routed as text."""
     hf, _, ours, _ = videonsa_pair
-    cfg = ours.config
-    rng = np.random.default_rng(1)
-    ids = _tokens(cfg, rng, grid=(6, 4, 4), text=(3, 9))
     # spg 0.5: int(0.5) = 0, every frame pair gets time id s, so the top-left token of each is "text".
-    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[6, 4, 4]], second_per_grid_ts=[0.5])
-    x = rng.standard_normal((1, ids.shape[1], cfg.text.hidden_size)).astype(np.float32)
+    x, ctx, pos = _layer_case(ours.config, 1, (6, 4, 4), (3, 9), 0.5)
     attn_t = hf.model.language_model.layers[1].self_attn
     cos_t, sin_t = hf.model.language_model.rotary_emb(torch.from_numpy(x), torch.from_numpy(pos))
     with torch.no_grad():
         theirs = videonsa_layer(attn_t, torch.from_numpy(x), cos_t, sin_t, torch.from_numpy(pos), NSA).numpy()
-    cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(ids == cfg.video_token_id))
     mine = np.asarray(ours.language_model.layers[1].self_attn(jnp.asarray(x), ctx)[1])
     np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
 
