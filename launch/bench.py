@@ -163,7 +163,7 @@ def _breakdown(t: int) -> dict:
     from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
     from pallas_kernels.layout import head_layout
     from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-    from pallas_kernels.nsa_pallas import _group_rows, _pad_to, _tile, choose_blocks
+    from pallas_kernels.nsa_pallas import group_rows, pad_to, tile_size, choose_blocks
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
 
@@ -175,15 +175,15 @@ def _breakdown(t: int) -> dict:
     lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
     heads = dict(num_q_heads=hq, virtual_heads=hq, group_size=layout.group_size, scale=scale)
     kc32 = mean_pool(k, bs)
-    bk, bq = _tile(kc32.shape[1]), _tile(t)
-    kc, vc = (_pad_to(x.astype(q.dtype), 1, -(-x.shape[1] // bk) * bk) for x in (kc32, mean_pool(v, bs)))
+    bk, bq = tile_size(kc32.shape[1]), tile_size(t)
+    kc, vc = (pad_to(x.astype(q.dtype), 1, -(-x.shape[1] // bk) * bk) for x in (kc32, mean_pool(v, bs)))
     cmp_cfg = MaskedFlashConfig("cmp_causal", block_size=bs, block_q=bq, block_k=bk, **heads)
     swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
     _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
     topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
         q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count,
         tie_break="recent", selection=selection, causal=True, scale=scale, block_q=bq))
-    kc32 = _pad_to(kc32, 1, kc.shape[1])
+    kc32 = pad_to(kc32, 1, kc.shape[1])
     idx = topk(q, kc32, lse)
 
     def fwd_bwd(f, *args):
@@ -201,7 +201,7 @@ def _breakdown(t: int) -> dict:
                     dataclasses.replace(swa_cfg, block_q=fq, block_k=fq, **tiles))
         else:
             cfgs = (cmp_cfg, swa_cfg)
-        kc_, vc_ = (_pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (kc, vc))
+        kc_, vc_ = (pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (kc, vc))
         branches = (("compression", cfgs[0], (q, kc_, vc_, lo, hi)), ("window", cfgs[1], (q, k, v, lo, hi)))
         for name, cfg, args in branches:
             f = lambda *a, cfg=cfg: masked_flash(cfg, *a)
@@ -216,7 +216,7 @@ def _breakdown(t: int) -> dict:
                 cfg = BlockSparseConfig(bs, scale, layout.group_size, num_warps=warps, num_stages=stages)
             _time_selection(times, spec, lambda *a, cfg=cfg: block_sparse_attention(cfg, *a), fwd_bwd, q, k, v, idx)
     else:
-        rows = np.asarray(_group_rows(layout))
+        rows = np.asarray(group_rows(layout))
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
         times.update(_token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd))
     return times
@@ -237,10 +237,9 @@ def _time_selection(times: dict, spec: str, f, fwd_bwd, *args) -> bool:
 def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
     """Per-token selection kernel: forward and forward+backward per `--selection_configs` setting; for the
     first also its inverted index, forward kernels and backward alone."""
-    from pallas_kernels.selection import (SelectionConfig, _backward, _block_call, _chunked_index,
-                                          _fwd_blocks_kernel, _selection_fwd, _shapes, selection_attention)
+    from pallas_kernels.selection import SelectionConfig, selection_attention, selection_stages
 
-    b, bs, d = q_rows.shape[0], FLAGS.block_size, q_rows.shape[-1]
+    bs, d = FLAGS.block_size, q_rows.shape[-1]
     times = {}
     for n, spec in enumerate(FLAGS.selection_configs):
         warps, stages = (int(x) for x in spec.split(":"))
@@ -249,16 +248,8 @@ def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
                                v, idx):
             continue
         if n == 0:
-            res = jax.jit(lambda *a, cfg=cfg: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)
-            sh = _shapes(cfg, q_rows, idx.shape[-1])
-            times["selection_index"] = _time_jax(jax.jit(lambda i: _chunked_index(sh, i, t // bs)), idx)
-            partials = lambda ci, cfg=cfg: _block_call(
-                _fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
-                [("partial", q_rows.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
-            times["selection_index_and_fwd_kernel"] = _time_jax(
-                jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(sh, i, t // bs))), idx)
-            times["selection_bwd"] = _time_jax(  # fed do = o
-                jax.jit(lambda r, cfg=cfg: _backward(cfg, r, r[3], jnp.zeros_like(r[4]))), res)
+            for stage, run in selection_stages(cfg, q_rows, k, v, idx).items():
+                times[f"selection_{stage}"] = _time_jax(run)
     return times
 
 

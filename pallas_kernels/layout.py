@@ -20,7 +20,8 @@ import dataclasses
 HEAD_LAYOUTS = ("gqa", "videonsa")
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -63,5 +64,5 @@ def head_layout(kind: str, num_q_heads: int, num_kv_heads: int) -> HeadLayout:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     if kind == "gqa":
         return HeadLayout(kind, num_q_heads, num_kv_heads, 1, num_q_heads // num_kv_heads)
-    group = _next_pow2(-(-2 * num_q_heads // num_kv_heads))
+    group = next_pow2(-(-2 * num_q_heads // num_kv_heads))
     return HeadLayout(kind, num_q_heads, num_kv_heads, 2, group)

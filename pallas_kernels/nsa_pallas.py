@@ -11,7 +11,7 @@ import numpy as np
 from pallas_kernels.backend import gpu_lowering_name
 from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
 from pallas_kernels.block_sparse_mgpu import supported as mosaic_gpu_supported
-from pallas_kernels.layout import HeadLayout
+from pallas_kernels.layout import HeadLayout, next_pow2
 from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool, released_lse
 from pallas_kernels.segments import segment_bounds
@@ -21,23 +21,21 @@ from pallas_kernels.topk_fused import select_blocks_fused, visible_blocks
 from pallas_kernels.topk_query_block import select_blocks_query_block
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def tile_size(n: int, cap: int = 64) -> int:
+    """A kernel tile for n rows: a power of two in [16, cap]."""
+    return max(16, min(cap, next_pow2(n)))
 
 
-def _tile(n: int, cap: int = 64) -> int:
-    return max(16, min(cap, _next_pow2(n)))
-
-
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """x padded with `value` at the end of `axis` to `size`."""
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _group_rows(layout: HeadLayout) -> np.ndarray:
+def group_rows(layout: HeadLayout) -> np.ndarray:
     """[HKV, GR] virtual row of each group slot (-1: padding), GR = group size rounded up to a tile."""
-    gr = max(16, _next_pow2(layout.group_size))
+    gr = max(16, next_pow2(layout.group_size))
     rows = np.full((layout.num_kv_heads, gr), -1, np.int32)
     for h in range(layout.num_kv_heads):
         r = list(layout.rows_of_kv_head(h))
@@ -52,7 +50,7 @@ def padded_segment_bounds(segment_ids, b: int, t: int, tp: int) -> tuple[jax.Arr
         lo, hi = jnp.zeros((b, t), jnp.int32), jnp.full((b, t), t, jnp.int32)
     else:
         lo, hi = segment_bounds(segment_ids)
-    return _pad_to(lo, 1, tp, t), _pad_to(hi, 1, tp, tp)
+    return pad_to(lo, 1, tp, t), pad_to(hi, 1, tp, tp)
 
 
 def topk_lse(lse, lo, hi, *, layout: HeadLayout, block_size: int, causal: bool, reading: str) -> jax.Array:
@@ -85,7 +83,7 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
                     reading=lse_reading)
     idx = select_blocks_chunked(qp[:, :t], kc32, rows, lop[:, :t], layout=layout, block_size=block_size,
                                 block_count=block_count, scale=scale)
-    return _pad_to(_pad_to(idx, 3, _next_pow2(block_count), -1), 1, qp.shape[1], -1)
+    return pad_to(pad_to(idx, 3, next_pow2(block_count), -1), 1, qp.shape[1], -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
@@ -94,17 +92,17 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)
-    bq = _tile(t)
+    bq = tile_size(t)
     tp = -(-t // max(bq, bs)) * max(bq, bs)
-    qp, kp, vp = (_pad_to(x, 1, tp) for x in (q, k, v))
+    qp, kp, vp = (pad_to(x, 1, tp) for x in (q, k, v))
     lop, hip = padded_segment_bounds(segment_ids, b, t, tp)
 
     kc32 = mean_pool(k, bs)  # float32 block means, also what the top-k scores against
     kc, vc = kc32.astype(q.dtype), mean_pool(v, bs).astype(q.dtype)
     nb = kc.shape[1]
-    bkc = _tile(nb)
+    bkc = tile_size(nb)
     nbp = -(-nb // bkc) * bkc
-    kc, vc = _pad_to(kc, 1, nbp), _pad_to(vc, 1, nbp)
+    kc, vc = pad_to(kc, 1, nbp), pad_to(vc, 1, nbp)
     heads = dict(num_q_heads=hq, virtual_heads=hv, group_size=layout.group_size, scale=scale)
     cmp_cfg = MaskedFlashConfig("cmp_causal" if causal_compression else "cmp_full", block_size=bs,
                                 block_q=bq, block_k=bkc, **heads)
@@ -112,7 +110,7 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
     swa_cfg = MaskedFlashConfig("window", window=window_size, block_q=bq, block_k=bq, **heads)
     o_swa, _ = masked_flash(swa_cfg, qp, kp, vp, lop, hip)
 
-    idx = choose_blocks(qp, _pad_to(kc32, 1, nbp), lse, lop, hip, t=t, layout=layout, block_size=bs,
+    idx = choose_blocks(qp, pad_to(kc32, 1, nbp), lse, lop, hip, t=t, layout=layout, block_size=bs,
                         block_count=block_count, tie_break=tie_break, selection=selection,
                         causal=causal_compression, scale=scale, block_q=bq, lse_reading=lse_reading)
     vrows = np.arange(hv)
@@ -121,14 +119,14 @@ def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: 
         cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering=lowering)
         o_slc, _ = block_sparse_attention(cfg, qp, kp, vp, idx)
     else:
-        rows = _group_rows(layout)  # [HKV, GR]
+        rows = group_rows(layout)  # [HKV, GR]
         q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None],
                            qp[:, :, np.maximum(rows, 0) % hq], jnp.zeros((), q.dtype))
         o_rows, _ = selection_attention(SelectionConfig(bs, scale, rows_per_token=layout.group_size), q_rows,
                                         kp, vp, idx)
         o_slc = o_rows[:, :, vrows // layout.group_size, vrows % layout.group_size]  # [B, Tp, Hv, D]
 
-    gate = lambda g_: _pad_to(g_, 1, tp).astype(jnp.float32)[:, :, vrows % hq, None]
+    gate = lambda g_: pad_to(g_, 1, tp).astype(jnp.float32)[:, :, vrows % hq, None]
     o = gate(g_cmp) * o_cmp + gate(g_slc) * o_slc + gate(g_swa) * o_swa
     o = o.reshape(b, tp, layout.copies, hq, d).mean(2)
     return o[:, :t].astype(q.dtype)

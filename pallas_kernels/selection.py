@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -338,3 +339,19 @@ def _selection_bwd(cfg, res, cts):
 
 
 selection_attention.defvjp(_selection_fwd, _selection_bwd)
+
+
+def selection_stages(cfg: SelectionConfig, q_rows, k, v, idx) -> dict[str, Callable[[], Any]]:
+    """Jitted thunks of the selection's stages on these inputs, for timing (`launch/bench.py --breakdown`):
+    "index" (the chunked inverted index), "index_and_fwd_kernel" (it and the forward block kernels' partials,
+    no merge) and "bwd" (the backward alone, fed do = o)."""
+    b, t, d = q_rows.shape[0], k.shape[1], q_rows.shape[-1]
+    res = jax.jit(lambda *a: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)
+    sh = _shapes(cfg, q_rows, idx.shape[-1])
+    index = jax.jit(lambda i: _chunked_index(sh, i, t // cfg.block_size))
+    partials = lambda ci: _block_call(_fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
+                                      [("partial", q_rows.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
+    index_and_fwd = jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(
+        sh, i, t // cfg.block_size)))
+    bwd = jax.jit(lambda r: _backward(cfg, r, r[3], jnp.zeros_like(r[4])))
+    return {"index": lambda: index(idx), "index_and_fwd_kernel": lambda: index_and_fwd(idx), "bwd": lambda: bwd(res)}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import call_options, dot
-from pallas_kernels.layout import HeadLayout
+from pallas_kernels.layout import HeadLayout, next_pow2
 
 _BIG = 2 ** 30
 
@@ -98,7 +98,7 @@ def select_blocks_fused(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size
     b, tp, hq, d = q.shape
     nbp, hkv = k_cmp.shape[1], k_cmp.shape[2]
     block_k = min(64, nbp)
-    w = 1 << max(0, (block_count - 1).bit_length())
+    w = next_pow2(block_count)
     kernel = functools.partial(_kernel, layout=layout, block_size=block_size, block_count=block_count,
                                causal=causal, scale=scale, block_q=block_q, block_k=block_k,
                                num_k_tiles=nbp // block_k)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import call_options, dot
-from pallas_kernels.layout import HeadLayout
+from pallas_kernels.layout import HeadLayout, next_pow2
 
 
 def _kernel(q_ref, kc_ref, lse_ref, lo_ref, out_ref, *, group_size: int, block_size: int, scale: float,
@@ -101,7 +101,7 @@ def select_blocks_query_block(q, k_cmp, lse, lo, *, layout: HeadLayout, t: int, 
         name="nsa_topk_query_block",
         **call_options(),
     )(q, k_cmp, lse, lo)
-    width = 1 << max(0, (block_count - 1).bit_length())
+    width = next_pow2(block_count)
     return pl.pallas_call(
         functools.partial(_rule_kernel, block_size=bs, block_count=min(block_count, nbp)),
         grid=(b, nqb, hkv),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pallas_kernels.layout import next_pow2
 
 
 def _log2(n: int) -> int:
@@ -61,7 +62,7 @@ def fla_topk(scores: jax.Array, current: jax.Array, *, group_size: int, block_co
       current block's score (1 per head of the group). Returns [..., block_count] int32 relative block
       indices in the network's output order, -1 for empty slots.
     """
-    s = 1 << max(0, (block_count - 1).bit_length())
+    s = next_pow2(block_count)
     n_dims = _log2(chunk)
     if s > chunk:
         raise ValueError(f"fla top-k needs next_pow2(block_count)={s} <= chunk (block_size)={chunk}")
