@@ -50,10 +50,9 @@ from data.errors import DataError
 from data.records import decode_record
 from data.shards import ShardError
 from nsa_jax import processing
-from nsa_jax.chat import encode_chat
+from nsa_jax.chat import IGNORE, encode_chat
 from nsa_jax.tokenizer import ENDOFTEXT, VIDEO_PAD, VISION_END, VISION_START, Tokenizer
 
-IGNORE = -100
 TOO_LONG_POLICIES = ("skip", "truncate")
 _LOGGED_SKIPS = 5  # skips logged one by one; later ones are only counted
 _EXAMPLES = 5  # reasons of skipped samples kept for the error message

@@ -91,6 +91,9 @@ def vision_pad_repeats(
     return repeats
 
 
+IGNORE = -100  # the label of a token that is not learned (Hugging Face's convention)
+
+
 def assistant_mask(ids: Sequence[int] | np.ndarray, tokenizer: Tokenizer, roles: Sequence[str]) -> np.ndarray:
     """True on the tokens of every assistant answer and its closing ``<|im_end|>`` (the label tokens).
 

@@ -22,10 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from nsa_jax.training.train_step import TrainState
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored."""
+from nsa_jax.conversion import CheckpointError
 
 
 class Checkpointer:

@@ -7,7 +7,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
 
 
 def shifted_targets(labels: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:

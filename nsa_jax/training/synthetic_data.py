@@ -13,7 +13,7 @@ import numpy as np
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.processing import get_rope_index
-from nsa_jax.training.loss import IGNORE
+from nsa_jax.chat import IGNORE
 
 
 class SyntheticBatches(Iterator[dict[str, np.ndarray]]):
