@@ -6,11 +6,14 @@ import os
 
 
 def eval_tokenizer(model_dir: str, config, tokenizer_dir: str | None = None):
-    """The HF tokenizer of --tokenizer or the model directory, else a byte-level one with the config's vision ids."""
+    """The HF tokenizer of --tokenizer, of the model directory or of the training run a workdir / checkpoint step
+    directory belongs to, else a byte-level one with the config's vision ids."""
+    from nsa_jax.conversion import training_tokenizer
     from nsa_jax.tokenizer import (ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
                                    ByteTokenizer, load_tokenizer)
 
-    tok_dir = tokenizer_dir or (model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None)
+    tok_dir = tokenizer_dir or (model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json"))
+                                else training_tokenizer(model_dir))
     if tok_dir:
         return load_tokenizer(tok_dir)
     vision = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,

@@ -144,3 +144,20 @@ def test_assistant_mask(which, tokenizer_dir):
     prompt_ids, prompt_mask = chat.encode_chat(tok, messages[:1], video_grid_thw=[[2, 4, 4]],
                                                add_generation_prompt=True)
     assert not prompt_mask.any() and tok.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_eval_tokenizer_of_a_training_step_directory(tokenizer_dir, tmp_path):
+    """A checkpoint step directory finds the tokenizer.json the trainer copied into its workdir."""
+    from nsa_jax import tiny_config
+    from nsa_jax.inputs import eval_tokenizer
+    from nsa_jax.tokenizer import ByteTokenizer, HFTokenizer
+
+    work = tmp_path / "run"
+    (work / "checkpoints" / "3" / "state").mkdir(parents=True)
+    cfg = tiny_config()
+    assert isinstance(eval_tokenizer(str(work / "checkpoints" / "3"), cfg), ByteTokenizer)  # none copied yet
+    (work / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    for path in (work, work / "checkpoints" / "3"):
+        tok = eval_tokenizer(str(path), cfg)
+        assert isinstance(tok, HFTokenizer) and tok.encode("What happens") == HFTokenizer(
+            tokenizer_dir / "tokenizer.json").encode("What happens")
