@@ -21,3 +21,16 @@ def test_every_nsa_jax_module_is_the_models_or_the_processors():
     # What the processor and the pipeline may not import: every model module, and the trainer.
     for contract in ("processor", "data"):
         assert model | {"nsa_jax.training"} <= _modules(contract, "forbidden_modules"), contract
+
+
+def test_installs_only_the_two_libraries():
+    """`pip install` puts nsa_jax and pallas_kernels in site-packages, never the generic names data / configs /
+    launch (those run from the repository root)."""
+    import setuptools
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    include = cfg["options.packages.find"]["include"].split()
+    packages = setuptools.find_packages(str(ROOT), include=include)
+    assert {p.split(".")[0] for p in packages} == {"nsa_jax", "pallas_kernels"}
+    assert "nsa_jax.training" in packages
