@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import Qwen25VL, abstract_model
+from nsa_jax.sharding import dotted_path
 
 PARAMS_DIR = "params"
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -288,14 +289,14 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None) -> Qwen25VL:
     ckpt = _checkpointer()
     params = os.path.join(path, PARAMS_DIR)
     try:
-        stored = {_path_str(kp): m for kp, m in
+        stored = {dotted_path(kp): m for kp, m in
                   jax.tree_util.tree_flatten_with_path(ckpt.metadata(params).item_metadata)[0]}
         expected = nnx.to_pure_dict(state)
         main = checkpoint_dtype({k: (jnp.dtype(m.dtype).name, math.prod(m.shape)) for k, m in stored.items()},
                                 params, dtype)
         leaves = []
         for kp, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-            name = _path_str(kp)
+            name = dotted_path(kp)
             if name not in stored:
                 raise CheckpointError(f"{params}: missing key {name}")
             if tuple(stored[name].shape) != tuple(leaf.shape):
@@ -324,7 +325,7 @@ def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None, com
         raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
     if "params" not in tree:
         raise CheckpointError(f"{state_dir}: no 'params' entry (keys {sorted(tree)})")
-    stored = {_path_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+    stored = {dotted_path(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
     model = abstract_model(config, dtype=compute_dtype or dtype or jnp.float32, param_dtype=dtype or jnp.float32)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     flat = nnx.to_flat_state(state)
@@ -342,7 +343,7 @@ def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None, com
             item={"params": tree["params"]}, restore_args={"params": restore_args}, partial_restore=True))
     except Exception as e:  # orbax raises many types on a damaged directory
         raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
-    values = {_path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
+    values = {dotted_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
     leaves = [(path, nnx.Param(jnp.asarray(values[".".join(map(str, path))]))) for path, _ in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
@@ -406,10 +407,6 @@ def load_training(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Qwe
     if nsa is not None:
         config = config.replace(nsa=nsa)
     return load_training_params(os.path.join(step_dir, STATE_ITEM), config, dtype=dtype, compute_dtype=compute_dtype)
-
-
-def _path_str(keypath) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
 
 
 def is_orbax_dir(path: str) -> bool:

@@ -110,15 +110,21 @@ def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim  # norms and anything unmatched: replicated
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def path_names(path: tuple) -> tuple[str, ...]:
+    """The names along a pytree key path (dict keys, attribute names, sequence indices)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def dotted_path(path: tuple) -> str:
+    """A pytree key path as 'language_model.layers.0.self_attn.q_proj.kernel'."""
+    return ".".join(path_names(path))
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a parameter-shaped pytree (parameters, gradients, Adam moments)."""
     def one(path, leaf):
         shape = np.shape(leaf)
-        return NamedSharding(mesh, logical_to_spec(param_logical_axes(_dotted(path), len(shape)), shape, mesh))
+        return NamedSharding(mesh, logical_to_spec(param_logical_axes(dotted_path(path), len(shape)), shape, mesh))
     return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from nsa_jax.training.train_step import TrainState
 from nsa_jax.conversion import CheckpointError
+from nsa_jax.sharding import dotted_path
 
 
 class Checkpointer:
@@ -127,8 +128,7 @@ class Checkpointer:
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{dotted path: shape} of a tree's arrays (saved metadata or abstract state alike)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
-            tuple(leaf.shape) for path, leaf in leaves}
+    return {dotted_path(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

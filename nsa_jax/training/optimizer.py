@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import jax
 import optax
+from nsa_jax.sharding import dotted_path
 
 # Which top-level parts of the model a freeze name covers (dotted path prefixes of the parameters).
 FREEZE_GROUPS = {
@@ -23,10 +24,6 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float
                                               end_value=peak * end_ratio)
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def trainable_labels(params: Any, freeze: Sequence[str]) -> Any:
     """A tree of "train" / "frozen" labels for the parameters, freezing the named FREEZE_GROUPS."""
     unknown = set(freeze) - set(FREEZE_GROUPS)
@@ -34,7 +31,7 @@ def trainable_labels(params: Any, freeze: Sequence[str]) -> Any:
         raise ValueError(f"freeze {sorted(unknown)}: expected names among {sorted(FREEZE_GROUPS)}")
     prefixes = tuple(p for name in freeze for p in FREEZE_GROUPS[name])
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if _dotted(path).startswith(prefixes) else "train", params)
+        lambda path, _: "frozen" if dotted_path(path).startswith(prefixes) else "train", params)
 
 
 def make_optimizer(params: Any, *, learning_rate: optax.Schedule, weight_decay: float, grad_clip: float,

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
-from nsa_jax.sharding import tree_shardings
+from nsa_jax.sharding import path_names, tree_shardings
 
 Batch = Mapping[str, Any]  # input_ids, position_ids, labels, [segment_ids], [videos / images: VisionInput in chunks]
 
@@ -122,21 +122,16 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     params = tree_shardings(state.params, mesh)
 
     # Adam moments mirror the parameter tree inside the optimizer state: match them by their key path tail.
-    flat_params = {_suffix(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_params = {path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def opt_sharding(path, leaf):
         if jnp.ndim(leaf) == 0:
             return replicated(mesh)
         for n in range(len(path), 0, -1):
-            hit = flat_params.get(_suffix(path[-n:]))
+            hit = flat_params.get(path_names(path[-n:]))
             if hit is not None and len(hit.spec) <= jnp.ndim(leaf):
                 return hit
         return replicated(mesh)
 
     return TrainState(replicated(mesh), params,
                       jax.tree_util.tree_map_with_path(opt_sharding, state.opt_state), replicated(mesh))
-
-
-def _suffix(path: tuple) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
