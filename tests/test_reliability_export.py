@@ -18,6 +18,7 @@ from flax import nnx
 from configs.tiny import get_config
 from launch import convert as convert_cli
 from nsa_jax import CheckpointError, conversion, from_pretrained
+from nsa_jax.sharding import dotted_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_TEXT = '{"stand-in": "a tokenizer.json the run names; synthetic data never reads it"}'
@@ -39,7 +40,7 @@ def workdir(tmp_path_factory):
 
 def _state_params(step_dir) -> dict[str, np.ndarray]:
     raw = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-    return {conversion._path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
+    return {dotted_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
 
 
 def _model_params(model) -> dict[str, np.ndarray]:
