@@ -16,7 +16,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
 from nsa_jax.config import TextConfig
 from nsa_jax.head_parallel import head_parallel
@@ -152,8 +151,7 @@ class DenseAttention(nnx.Module):
         self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
         self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
         self.o_proj = linear(self.num_heads * d, cfg.hidden_size, bias=False, **kw)
-        self.implementation = runtime.attention_impl
-        self.mesh: Mesh | None = runtime.mesh
+        self.runtime = runtime
 
     def qkv(self, x: jax.Array, ctx: TokenContext) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,H,D], k, v [B,T,K,D] after mRoPE."""
@@ -179,7 +177,8 @@ class DenseAttention(nnx.Module):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
         """The attention core over the chunk itself: causal GQA, [B, T, H, D]."""
         del x
+        impl, mesh = self.runtime.attention_impl, self.runtime.mesh
         attend = lambda q, k, v, segment_ids, kv_valid: dense_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=self.implementation)
-        return head_parallel(self.mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
+            q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=impl)
+        return head_parallel(mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
                              num_kv_heads=self.num_kv_heads)

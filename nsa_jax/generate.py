@@ -86,7 +86,8 @@ def _choose(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: flo
     scaled = logits.astype(jnp.float32) / temperature
     if top_p < 1:
         order = jnp.sort(scaled, axis=-1)[:, ::-1]
-        before = jnp.cumsum(jax.nn.softmax(order, -1), -1) - jax.nn.softmax(order, -1)  # mass ranked above
+        probs = jax.nn.softmax(order, -1)
+        before = jnp.cumsum(probs, -1) - probs  # the probability mass ranked above each token
         cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -32,7 +32,7 @@ class VisionInput(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """Rotated keys and values of every token so far (every layer's, stacked) and which slots hold one."""
+    """Rotated keys and values of every token so far (one `LayerCache` per layer) and which slots hold one."""
 
     layers: tuple[LayerCache, ...]  # per layer: k, v [B, S, K, D]
     valid: jax.Array  # [B, S] bool: slots holding a real token

@@ -70,9 +70,9 @@ class NSAAttention(DenseAttention):
         rows = dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid, vision=nsa_rows(self.nsa, ctx))
         if self.nsa.mode == "videonsa":
             # The padded layout pairs query heads with several KV heads: heads stay whole on each device.
-            return head_parallel(self.mesh, self._videonsa, (q, k, v, self.gate_logits(x)), rows,
+            return head_parallel(self.runtime.mesh, self._videonsa, (q, k, v, self.gate_logits(x)), rows,
                                  num_kv_heads=self.num_kv_heads, split_heads=False)
-        return head_parallel(self.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
+        return head_parallel(self.runtime.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
                              num_kv_heads=self.num_kv_heads)
 
     def _videonsa(self, q, k, v, gate_logits, *, vision, segment_ids, kv_valid) -> jax.Array:
@@ -85,7 +85,7 @@ class NSAAttention(DenseAttention):
         o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
                           gates, nsa_segments(segment_ids))
         o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=segment_ids,
-                                  kv_valid=kv_valid, implementation=self.implementation)
+                                  kv_valid=kv_valid, implementation=self.runtime.attention_impl)
         return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
 
     def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
@@ -101,7 +101,7 @@ class NSAAttention(DenseAttention):
         o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg)
         o_nsa = take(o_nsa, inverse)
         o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
-                                       kv_valid=kv_valid, implementation=self.implementation)
+                                       kv_valid=kv_valid, implementation=self.runtime.attention_impl)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
 
 
