@@ -147,10 +147,12 @@ class DenseAttention(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = linear(cfg.hidden_size, self.num_heads * d, bias=True, **kw)
-        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
-        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, bias=True, **kw)
-        self.o_proj = linear(self.num_heads * d, cfg.hidden_size, bias=False, **kw)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * d, kernel_axes=("embed", "heads"), bias=True, **kw)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * d, kernel_axes=("embed", "kv_heads"), bias=True,
+                             **kw)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * d, kernel_axes=("embed", "kv_heads"), bias=True,
+                             **kw)
+        self.o_proj = linear(self.num_heads * d, cfg.hidden_size, kernel_axes=("heads", "embed"), bias=False, **kw)
         self.runtime = runtime
 
     def qkv(self, x: jax.Array, ctx: TokenContext) -> tuple[jax.Array, jax.Array, jax.Array]:

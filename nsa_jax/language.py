@@ -13,7 +13,7 @@ from flax import nnx
 from nsa_jax.attention import DenseAttention, LayerCache, TokenContext
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, make_blocks, run_blocks
-from nsa_jax.sharding import activation_sharding
+from nsa_jax.sharding import activation_sharding, with_axes
 from nsa_jax.videonsa import NSAAttention
 
 
@@ -51,7 +51,8 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  runtime: Runtime = Runtime()):
         t = cfg.text
-        self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size, embedding_init=nnx.initializers.normal(0.02),
+        self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size,
+                                      embedding_init=with_axes(nnx.initializers.normal(0.02), ("vocab", "embed")),
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kinds = [cfg.nsa.uses_nsa(i) for i in range(t.num_hidden_layers)]
         self.layers = nnx.List(make_blocks(kinds, lambda nsa, r: DecoderLayer(

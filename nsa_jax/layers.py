@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from nsa_jax.sharding import param, with_axes
+
 INIT = nnx.initializers.normal(0.02)
 
 REMAT_POLICIES = {
@@ -46,13 +48,16 @@ class Runtime:
         return nnx.remat(fn, policy=REMAT_POLICIES[self.remat])(*args)
 
 
-def linear(din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype
-           ) -> nnx.Linear:
+def linear(din: int, dout: int, *, kernel_axes: tuple[str | None, str | None], bias: bool, rngs: nnx.Rngs,
+           dtype: jnp.dtype, param_dtype: jnp.dtype) -> nnx.Linear:
     """A Linear layer with the HF initialisation (normal(0.02) kernel, zero bias). float32 compute multiplies at
     full precision (no TF32); other compute dtypes take the backend's default (bf16 products, float32 sums on
-    GPU), as transformers' bf16 models do."""
+    GPU), as transformers' bf16 models do.
+
+    kernel_axes: the logical axes of the kernel [din, dout] (`nsa_jax.sharding`); the bias takes the last."""
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    return nnx.Linear(din, dout, use_bias=bias, kernel_init=INIT, bias_init=nnx.initializers.zeros,
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=with_axes(INIT, kernel_axes),
+                      bias_init=with_axes(nnx.initializers.zeros, kernel_axes[-1:]),
                       dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
 
 
@@ -60,7 +65,7 @@ class RMSNorm(nnx.Module):
     """Qwen2 RMSNorm: normalise in float32, cast back, then scale (the order matters for bf16 parity)."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = param(jnp.ones((dim,), param_dtype), (None,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,9 +93,9 @@ class GatedMLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, rngs: nnx.Rngs, dtype: jnp.dtype,
                  param_dtype: jnp.dtype):
         kw = dict(bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = linear(dim, hidden, **kw)
-        self.up_proj = linear(dim, hidden, **kw)
-        self.down_proj = linear(hidden, dim, **kw)
+        self.gate_proj = linear(dim, hidden, kernel_axes=("embed", "mlp"), **kw)
+        self.up_proj = linear(dim, hidden, kernel_axes=("embed", "mlp"), **kw)
+        self.down_proj = linear(hidden, dim, kernel_axes=("mlp", "embed"), **kw)
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:

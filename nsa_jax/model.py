@@ -62,8 +62,8 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
         self.language_model = TextModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
         if not config.text.tie_word_embeddings:
-            self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, bias=False, rngs=rngs,
-                                  dtype=dtype, param_dtype=param_dtype)
+            self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, kernel_axes=("embed", "vocab"),
+                                  bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
 
     # ------------------------------------------------------------------ jittable core

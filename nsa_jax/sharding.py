@@ -18,10 +18,11 @@ A mesh axis is dropped from a dimension it does not divide (that dimension is th
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -36,6 +37,22 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "patches": ("data", "fsdp", "sequence"),
 }
+
+# The nnx variable metadata key holding a parameter's logical axes (one name or None per dimension). A
+# project key, not flax's sharding metadata: that one's name changed across flax versions, and flax places
+# variables by it when a mesh is active, which logical names cannot be.
+AXES_KEY = "logical_axes"
+
+
+def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:
+    """An initializer whose nnx.Param carries these logical axes (`AXES_KEY`)."""
+    return nnx.with_metadata(init, **{AXES_KEY: tuple(axes)})
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """An nnx.Param of `value` with these logical axes (`AXES_KEY`)."""
+    return nnx.Param(value, **{AXES_KEY: tuple(axes)})
+
 
 # (path fragment, logical axes of the kernel / embedding, of the bias). First match wins.
 _PARAM_RULES: tuple[tuple[str, tuple[str | None, ...], tuple[str | None, ...]], ...] = (

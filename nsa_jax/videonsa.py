@@ -49,10 +49,11 @@ class NSAAttention(DenseAttention):
         super().__init__(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, runtime=runtime)
         hidden = cfg.text.hidden_size
         self.nsa = cfg.nsa
-        self.g_proj_1 = linear(hidden, hidden, bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        # Bias logit(0.5) = 0: gates start at 0.5 (the released initialisation).
-        self.g_proj_2 = linear(hidden, self.num_heads * 3, bias=True, rngs=rngs, dtype=dtype,
+        self.g_proj_1 = linear(hidden, hidden, kernel_axes=("embed", "mlp"), bias=True, rngs=rngs, dtype=dtype,
                                param_dtype=param_dtype)
+        # Bias logit(0.5) = 0: gates start at 0.5 (the released initialisation).
+        self.g_proj_2 = linear(hidden, self.num_heads * 3, kernel_axes=("mlp", None), bias=True, rngs=rngs,
+                               dtype=dtype, param_dtype=param_dtype)
 
     def gate_logits(self, x: jax.Array) -> jax.Array:
         """Gate logits [B, T, H, 3] (cmp, slc, swa), already divided by the temperature."""

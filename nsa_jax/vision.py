@@ -100,10 +100,10 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments) -
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         self.num_heads = cfg.num_heads
-        self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype,
-                          param_dtype=param_dtype)
-        self.proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype,
-                           param_dtype=param_dtype)
+        self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, kernel_axes=("embed", "heads"), bias=True,
+                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = linear(cfg.hidden_size, cfg.hidden_size, kernel_axes=("heads", "embed"), bias=True, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, seg: Segments) -> jax.Array:
         n = x.shape[0]
@@ -137,8 +137,10 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         wide = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, param_dtype=param_dtype)
-        self.mlp_0 = linear(wide, wide, bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.mlp_2 = linear(wide, cfg.out_hidden_size, bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_0 = linear(wide, wide, kernel_axes=("embed", "mlp"), bias=True, rngs=rngs, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.mlp_2 = linear(wide, cfg.out_hidden_size, kernel_axes=("mlp", "embed"), bias=True, rngs=rngs,
+                            dtype=dtype, param_dtype=param_dtype)
         self.wide = wide
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,8 +152,8 @@ class PatchEmbed(nnx.Module):
     """The Conv3d with stride == kernel, as one matrix over flattened (C, T, P, P) patch rows."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        self.proj = linear(cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, dtype=dtype,
-                           param_dtype=param_dtype)
+        self.proj = linear(cfg.patch_dim, cfg.hidden_size, kernel_axes=(None, "embed"), bias=False, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         return self.proj(pixels)
