@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         resume_from_step=-1,  # -1: the latest checkpoint (if any); N: that step
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    # Logical axis -> mesh axes, merged over nsa_jax.sharding.LOGICAL_RULES (empty: those); only parameter axes
+    # (vocab, embed, heads, kv_heads, mlp), e.g. c.sharding_rules.mlp = () keeps MLP weights whole on each
+    # tensor-parallel device.
+    c.sharding_rules = ml_collections.ConfigDict()
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=-1, process_id=-1,  # empty: auto-detect (SLURM, TPU pods)
     ))

@@ -36,17 +36,18 @@ def main(argv) -> None:
     from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
-    from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
+    from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
 
     c, t, d = FLAGS.config, FLAGS.config.train, FLAGS.config.data
     mesh = make_mesh(dict(c.mesh))
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     graphdef, params = split_for_training(cfg, mesh, compute_dtype=c.model.compute_dtype, remat=t.remat,
-                                          seed=0, attention_impl=c.model.attention_impl)
+                                          seed=0, attention_impl=c.model.attention_impl,
+                                          sharding_rules=c.get("sharding_rules"))
     tx = make_optimizer(params, learning_rate=learning_rate_schedule(t.learning_rate, 1000, 0.1, 0.0),
                         weight_decay=t.weight_decay, grad_clip=t.grad_clip)
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
-    shardings = state_shardings(jax.eval_shape(init, params), mesh)
+    shardings = state_shardings(jax.eval_shape(init, params), mesh, param_shardings(params))
     state = jax.jit(init, out_shardings=shardings)(params)
     del params
     step = StepFunctions(graphdef, tx, mesh, loss_chunk=t.loss_chunk).compile(shardings)

@@ -191,7 +191,8 @@ def _fill(model: Qwen25VL, tensors: Iterator[tuple[str, np.ndarray]], source: st
     if missing:
         raise CheckpointError(f"{source}: missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    state = nnx.from_flat_state([(p, nnx.Param(flat[p])) for p, _ in nnx.to_flat_state(state)])
+    # replace: each Param keeps its metadata (the logical axes it declares, nsa_jax.sharding).
+    state = nnx.from_flat_state([(p, var.replace(flat[p])) for p, var in nnx.to_flat_state(state)])
     return nnx.merge(graphdef, state, rest)
 
 
@@ -344,7 +345,7 @@ def load_training_params(state_dir: str, config: ModelConfig, *, dtype=None, com
     except Exception as e:  # orbax raises many types on a damaged directory
         raise CheckpointError(f"{state_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
     values = {dotted_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
-    leaves = [(path, nnx.Param(jnp.asarray(values[".".join(map(str, path))]))) for path, _ in flat]
+    leaves = [(path, var.replace(jnp.asarray(values[".".join(map(str, path))]))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 

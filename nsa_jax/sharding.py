@@ -1,7 +1,10 @@
 """The device mesh and every sharding rule of training, in one place (logical axes as in MaxText).
 
-Parameters get logical axis names from their path (`param_logical_axes`); activations use the names
-"batch", "sequence", "embed", ... Logical names map to mesh axes through `LOGICAL_RULES`:
+Each parameter declares its logical axes where it is created (`with_axes` on its initializer, `param`; e.g.
+`layers.linear(..., kernel_axes=("embed", "heads"))`), as nnx variable metadata under `AXES_KEY`;
+`param_logical_axes` reads them back. Activations use the names "batch", "sequence", ... Logical names map
+to mesh axes through `LOGICAL_RULES`, which a training config can override (`config.sharding_rules`,
+merged by `logical_rules`):
 
 - batch -> (data, fsdp): data parallel + ZeRO-3 style fully sharded parameters (FSDP);
 - embed (parameter rows) -> (fsdp, sequence): parameters, gradients and Adam moments are sharded over the
@@ -38,10 +41,16 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "patches": ("data", "fsdp", "sequence"),
 }
 
+# The logical names of parameter dimensions: the rules a config may override. batch / sequence / patches
+# stay as above: the head-parallel attention and the batch placement assume them.
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "mlp")
+
 # The nnx variable metadata key holding a parameter's logical axes (one name or None per dimension). A
 # project key, not flax's sharding metadata: that one's name changed across flax versions, and flax places
 # variables by it when a mesh is active, which logical names cannot be.
 AXES_KEY = "logical_axes"
+
+Axes = tuple[str | None, ...]
 
 
 def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:
@@ -54,25 +63,19 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     return nnx.Param(value, **{AXES_KEY: tuple(axes)})
 
 
-# (path fragment, logical axes of the kernel / embedding, of the bias). First match wins.
-_PARAM_RULES: tuple[tuple[str, tuple[str | None, ...], tuple[str | None, ...]], ...] = (
-    ("embed_tokens", ("vocab", "embed"), ()),
-    ("lm_head", ("embed", "vocab"), ("vocab",)),
-    ("q_proj", ("embed", "heads"), ("heads",)),
-    ("k_proj", ("embed", "kv_heads"), ("kv_heads",)),
-    ("v_proj", ("embed", "kv_heads"), ("kv_heads",)),
-    ("o_proj", ("heads", "embed"), ("embed",)),
-    ("g_proj_1", ("embed", "mlp"), ("mlp",)),
-    ("g_proj_2", ("mlp", None), (None,)),
-    ("gate_proj", ("embed", "mlp"), ("mlp",)),
-    ("up_proj", ("embed", "mlp"), ("mlp",)),
-    ("down_proj", ("mlp", "embed"), ("embed",)),
-    ("attn.qkv", ("embed", "heads"), ("heads",)),
-    ("attn.proj", ("heads", "embed"), ("embed",)),
-    ("mlp_0", ("embed", "mlp"), ("mlp",)),
-    ("mlp_2", ("mlp", "embed"), ("embed",)),
-    ("patch_embed", (None, "embed"), ("embed",)),
-)
+def logical_rules(overrides: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """`LOGICAL_RULES` with `overrides` (logical name -> mesh axes, e.g. {"mlp": ()}) merged over them.
+    Only parameter axes (`PARAM_AXES`) can be overridden; mesh axes must be among `MESH_AXES`."""
+    rules = dict(LOGICAL_RULES)
+    for name, axes in dict(overrides or {}).items():
+        if name not in PARAM_AXES:
+            raise ValueError(f"sharding rule {name!r}: only the parameter axes {PARAM_AXES} can be overridden")
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown or len(set(axes)) != len(axes):
+            raise ValueError(f"sharding rule {name!r}: {axes} must be distinct mesh axes among {MESH_AXES}")
+        rules[name] = axes
+    return rules
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -95,14 +98,17 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """The PartitionSpec of an array with these logical axes (axes not dividing a dimension are dropped)."""
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, Sequence[str]] | None = None) -> P:
+    """The PartitionSpec of an array with these logical axes (axes not dividing a dimension are dropped);
+    rules: logical name -> mesh axes (default `LOGICAL_RULES`)."""
+    rules = LOGICAL_RULES if rules is None else rules
     used: set[str] = set()
     spec: list[Any] = []
     for name, dim in zip(logical, shape):
         axes = []
         size = 1
-        for axis in LOGICAL_RULES.get(name, ()) if name else ():
+        for axis in rules.get(name, ()) if name else ():
             n = mesh.shape[axis]
             if axis in used or n == 1 or dim % (size * n):
                 continue
@@ -117,14 +123,25 @@ def named(mesh: Mesh, *logical: str | None, shape: Sequence[int]) -> NamedShardi
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
 
 
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a parameter from its dotted path ('language_model.layers.0.self_attn.q_proj.kernel')."""
-    for fragment, kernel_axes, bias_axes in _PARAM_RULES:
-        if fragment in path:
-            axes = bias_axes if path.endswith(".bias") else kernel_axes
-            if len(axes) == ndim:
-                return axes
-    return (None,) * ndim  # norms and anything unmatched: replicated
+def declared_axes(var: nnx.Variable) -> Axes | None:
+    """The logical axes declared on a variable (`with_axes`, `param`), or None."""
+    axes = var.get_metadata().get(AXES_KEY)
+    return None if axes is None else tuple(axes)
+
+
+def param_logical_axes(model: Any) -> dict[str, Axes]:
+    """{dotted path ('language_model.layers.0.self_attn.q_proj.kernel'): logical axes} of every nnx.Param of
+    a module (or its state, abstract ones too) as declared where it was created; a parameter without
+    declared axes (none in this model: tests/test_sharding_axes.py) is replicated."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = declared_axes(var)
+        ndim = len(var.shape)
+        if axes is not None and len(axes) != ndim:
+            raise ValueError(f"parameter {'.'.join(map(str, path))} of shape {tuple(var.shape)} declares "
+                             f"logical axes {axes}")
+        out[".".join(map(str, path))] = (None,) * ndim if axes is None else axes
+    return out
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
@@ -137,11 +154,15 @@ def dotted_path(path: tuple) -> str:
     return ".".join(path_names(path))
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a parameter-shaped pytree (parameters, gradients, Adam moments)."""
+def tree_shardings(tree: Any, mesh: Mesh, axes: Mapping[str, Axes],
+                   rules: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """NamedShardings for a parameter-shaped pytree (parameters, gradients) from the parameters' logical axes
+    (`param_logical_axes` of the model) and the rules (default `LOGICAL_RULES`)."""
     def one(path, leaf):
-        shape = np.shape(leaf)
-        return NamedSharding(mesh, logical_to_spec(param_logical_axes(dotted_path(path), len(shape)), shape, mesh))
+        name, shape = dotted_path(path), np.shape(leaf)
+        if name not in axes:
+            raise KeyError(f"{name}: not a parameter of the model whose logical axes are given")
+        return NamedSharding(mesh, logical_to_spec(axes[name], shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -44,7 +44,7 @@ def test_gradient_accumulation_equals_one_batch():
     from nsa_jax.training.optimizer import make_optimizer
     from nsa_jax.sharding import make_mesh
     from nsa_jax.training.synthetic_data import SyntheticBatches
-    from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
+    from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
 
     c = get_config()
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
@@ -54,7 +54,8 @@ def test_gradient_accumulation_equals_one_batch():
     initial = jax.device_get(params)
     new_state = lambda: TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, initial), tx.init(initial),
                                    jnp.zeros((), jnp.int32))  # fresh arrays: the step donates its state
-    fns = StepFunctions(graphdef, tx, mesh, loss_chunk=32).compile(state_shardings(jax.eval_shape(new_state), mesh))
+    shardings = state_shardings(jax.eval_shape(new_state), mesh, param_shardings(params))
+    fns = StepFunctions(graphdef, tx, mesh, loss_chunk=32).compile(shardings)
     whole = SyntheticBatches(cfg, batch_size=4, seq_len=64, video_grid=(2, 4, 4), max_patches=128).batch(0)
     halves = [{k: (v[:, 2 * i:2 * i + 2] if k == "position_ids" else v[64 * i:64 * i + 64] if k.startswith("pixel")
                    else v[2 * i:2 * i + 2]) for k, v in whole.items()} for i in range(2)]

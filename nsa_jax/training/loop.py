@@ -25,7 +25,7 @@ from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.prefetch import Prefetched
 from nsa_jax.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
-from nsa_jax.training.train_step import StepFunctions, TrainState, state_shardings
+from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
 from nsa_jax.training.validation import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,15 @@ def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = N
     counters_of = getattr(type(data), "counters_of", lambda state: {})
     graphdef, params = split_for_training(model_cfg, mesh, compute_dtype=config.model.compute_dtype,
                                           remat=t.remat, seed=t.seed, init_from=config.model.init_from,
-                                          attention_impl=config.model.attention_impl)
+                                          attention_impl=config.model.attention_impl,
+                                          sharding_rules=config.get("sharding_rules"))
     schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_fraction, t.end_lr_ratio)
     freeze = [f for f in t.freeze.split(",") if f]
     tx = make_optimizer(params, learning_rate=schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, freeze=freeze)
     fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
     abstract = jax.eval_shape(fresh, params)
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, param_shardings(params))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
                         save_every=config.checkpoint.every, async_save=config.checkpoint.async_save,
                         config=json.loads(config.to_json_best_effort()))

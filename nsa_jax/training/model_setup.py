@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +13,17 @@ from jax.sharding import Mesh
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import Runtime
 from nsa_jax.model import Qwen25VL
-from nsa_jax.sharding import tree_shardings
+from nsa_jax.sharding import logical_rules, param_logical_axes, tree_shardings
 
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
-                       init_from: str = "", attention_impl: str = "") -> tuple[nnx.GraphDef, Any]:
+                       init_from: str = "", attention_impl: str = "",
+                       sharding_rules: Mapping[str, Sequence[str]] | None = None) -> tuple[nnx.GraphDef, Any]:
     """(graphdef running on `mesh` with the remat policy, float32 parameters placed by the sharding rules).
+
+    Each parameter is placed by the logical axes it declares (`sharding.param_logical_axes`) and the rules
+    `sharding.LOGICAL_RULES` with `sharding_rules` (logical name -> mesh axes, `config.sharding_rules`)
+    merged over them; `train_step.state_shardings` gives the optimizer state the same placement.
 
     attention_impl: `jax.nn.dot_product_attention` implementation of the language model's dense attention
     ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs).
@@ -36,7 +41,8 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     key = jax.random.key(seed)
     abstract = nnx.eval_shape(build, key)
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh)
+    shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh, param_logical_axes(abstract_params),
+                               logical_rules(sharding_rules))
     init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))
     if jax.default_backend() == "tpu":
         params = jax.jit(init, out_shardings=shardings)(key)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
-from nsa_jax.sharding import path_names, tree_shardings
+from nsa_jax.sharding import path_names
 
 Batch = Mapping[str, Any]  # input_ids, position_ids, labels, [segment_ids], [videos / images: VisionInput in chunks]
 
@@ -117,9 +117,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-    """Parameters and every parameter-shaped optimizer leaf sharded by the rules; scalars replicated."""
-    params = tree_shardings(state.params, mesh)
+def param_shardings(params: Any) -> Any:
+    """The shardings of placed parameters (the tree of `.sharding`s)."""
+    return jax.tree.map(lambda p: p.sharding, params)
+
+
+def state_shardings(state: TrainState, mesh: Mesh, params: Any) -> TrainState:
+    """Parameters sharded as `params` (their shardings: `param_shardings` of the parameters
+    `model_setup.split_for_training` placed), every parameter-shaped optimizer leaf as its parameter;
+    scalars replicated."""
 
     # Adam moments mirror the parameter tree inside the optimizer state: match them by their key path tail.
     flat_params = {path_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from nsa_jax.training.optimizer import FREEZE_GROUPS
 from nsa_jax.layers import REMAT_POLICIES
+from nsa_jax.sharding import logical_rules
 
 DATA_SOURCES = ("synthetic", "shards")
 TOO_LONG_POLICIES = ("skip", "truncate")  # what the data pipeline does with a sample that does not fit
@@ -75,6 +76,10 @@ def config_problems(config: Any, process_count: int = 1) -> list[str]:
         value = _get(config, field)
         if not ok(value):
             problems.append(f"config.{field}={value!r}: expected {expected}")
+    try:
+        logical_rules(config.get("sharding_rules"))
+    except (TypeError, ValueError) as e:
+        problems.append(f"config.sharding_rules: {e}")
     d = config.data
     if _number(d.batch_size) and d.batch_size % process_count:
         problems.append(f"config.data.batch_size={d.batch_size}: expected a multiple of the {process_count} "
