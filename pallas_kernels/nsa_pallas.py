@@ -1,5 +1,5 @@
 """NSA through the Pallas kernels: compression and window (`masked_flash.py`), top-k (`topk_fused.py`, or
-`topk_query_block.py` for query blocks, `topk.py` for fla's network), selection (`selection.py`, or
+`topk_query_block.py` for query blocks, `topk_fla.py` for fla's network), selection (`selection.py`, or
 `block_sparse.py` for query blocks), gated sum in jnp (XLA fuses it; its gradient flows through autodiff)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
 from pallas_kernels.reference import mean_pool, released_lse
 from pallas_kernels.segments import segment_bounds
 from pallas_kernels.selection import SelectionConfig, selection_attention
-from pallas_kernels.topk import select_blocks_chunked
+from pallas_kernels.topk_fla import select_blocks_fla
 from pallas_kernels.topk_fused import select_blocks_fused, visible_blocks
 from pallas_kernels.topk_query_block import select_blocks_query_block
 
@@ -81,9 +81,11 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
                                    block_count=block_count, causal=causal, scale=scale, block_q=block_q)
     rows = topk_lse(lse[:, :, :t], lop[:, :t], hip[:, :t], layout=layout, block_size=block_size, causal=causal,
                     reading=lse_reading)
-    idx = select_blocks_chunked(qp[:, :t], kc32, rows, lop[:, :t], layout=layout, block_size=block_size,
-                                block_count=block_count, scale=scale)
-    return pad_to(pad_to(idx, 3, next_pow2(block_count), -1), 1, qp.shape[1], -1)
+    tp = qp.shape[1]
+    kc32 = pad_to(kc32, 1, max(kc32.shape[1], tp // block_size + block_size))
+    idx = select_blocks_fla(qp, kc32, pad_to(rows, 1, tp, -jnp.inf).transpose(0, 2, 1), lop, layout=layout,
+                            block_size=block_size, block_count=block_count, scale=scale)
+    return jnp.where((jnp.arange(tp) < t)[None, :, None, None], idx, -1)
 
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,

@@ -16,7 +16,8 @@ import numpy as np
 from pallas_kernels.layout import next_pow2
 
 
-def _log2(n: int) -> int:
+def bitonic_log2(n: int) -> int:
+    """log2 of a bitonic network's length (a power of two)."""
     if n <= 0 or n & (n - 1):
         raise ValueError(f"bitonic network needs a power-of-two length, got {n}")
     return n.bit_length() - 1
@@ -63,7 +64,7 @@ def fla_topk(scores: jax.Array, current: jax.Array, *, group_size: int, block_co
       indices in the network's output order, -1 for empty slots.
     """
     s = next_pow2(block_count)
-    n_dims = _log2(chunk)
+    n_dims = bitonic_log2(chunk)
     if s > chunk:
         raise ValueError(f"fla top-k needs next_pow2(block_count)={s} <= chunk (block_size)={chunk}")
     nb = scores.shape[-1]
