@@ -21,6 +21,7 @@ from nsa_jax.config import ModelConfig, NSAConfig
 from nsa_jax.head_parallel import head_parallel
 from nsa_jax.layers import Runtime, linear
 from pallas_kernels import NSAVariant, nsa_attention, nsa_variant
+from pallas_kernels.segments import segment_bounds
 
 
 def mrope_vision_rows(position_ids: jax.Array) -> jax.Array:
@@ -85,8 +86,8 @@ class NSAAttention(DenseAttention):
         zero = jnp.zeros((), q.dtype)
         o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
                           gates, nsa_segments(segment_ids))
-        o_dense = dense_attention(jnp.where(vision, zero, q), k, v, causal=True, segment_ids=segment_ids,
-                                  kv_valid=kv_valid, implementation=self.runtime.attention_impl)
+        o_dense = videonsa_dense_branch(q, k, v, vision[..., 0, 0], segment_ids=segment_ids, kv_valid=kv_valid,
+                                        implementation=self.runtime.attention_impl)
         return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
 
     def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
@@ -104,6 +105,61 @@ class NSAAttention(DenseAttention):
         o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
                                        kv_valid=kv_valid, implementation=self.runtime.attention_impl)
         return jnp.where(vision[..., None, None], o_nsa, o_dense)
+
+
+def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.Array, *,
+                          segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
+                          implementation: str | None = None, max_text_rows: int = 1024,
+                          text_chunk: int = 128) -> jax.Array:
+    """Mode videonsa's dense branch (SPEC §2.9): causal GQA over all k, v of q with its vision rows zeroed.
+
+    A zeroed query scores 0 against every key, so a vision row attends uniformly: its output is the mean of v
+    over the keys it sees (a prefix mean, per segment). Only the text rows (~ vision, a few hundred in a video
+    prompt) need attention: they are gathered in order, `text_chunk` rows at a time against every key (chunks
+    past the last text row skipped at run time). A call with more than `max_text_rows` text rows in some batch
+    row takes the full dense pass instead. q [B, T, H, D]; k, v [B, T, K, D]; vision [B, T] bool."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    full = lambda: dense_attention(jnp.where(vision[..., None, None], jnp.zeros((), q.dtype), q), k, v, causal=True,
+                                   segment_ids=segment_ids, kv_valid=kv_valid, implementation=implementation)
+    rows = min(t, max_text_rows)
+    text = ~vision
+    if rows == t:
+        return full()
+
+    def closed_form():
+        seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+        valid = jnp.ones((b, t), bool) if kv_valid is None else kv_valid
+        # prefix mean of the visible v: (sum over [segment start, i]) / count, from running sums
+        total = jnp.cumsum(jnp.where(valid[..., None, None], v.astype(jnp.float32), 0.0), axis=1)
+        count = jnp.cumsum(valid.astype(jnp.float32), axis=1)
+        start, _ = segment_bounds(seg)
+        before = lambda c: jnp.where((start > 0).reshape(start.shape + (1,) * (c.ndim - 2)), jnp.take_along_axis(
+            c, jnp.maximum(start - 1, 0).reshape(start.shape + (1,) * (c.ndim - 2)), axis=1), 0.0)
+        n = count - before(count)
+        mean = (total - before(total)) / jnp.maximum(n, 1.0)[..., None, None]
+        mean = jnp.where((n > 0)[..., None, None], mean, 0.0)
+        o_vision = jnp.repeat(mean, g, axis=2).astype(q.dtype)
+
+        order = jnp.argsort(vision, axis=1, stable=True)[:, :rows]  # text rows first, in order
+        q_text = jnp.take_along_axis(q, order[..., None, None], axis=1)
+        n_text = text.sum(1).max()
+        keys = jnp.arange(t)
+
+        def attend(qc, pos):
+            mask = (keys[None, None, :] <= pos[:, :, None]) & valid[:, None, :]
+            mask &= jnp.take_along_axis(seg, pos, axis=1)[:, :, None] == seg[:, None, :]
+            out = jax.nn.dot_product_attention(qc, k, v, mask=mask[:, None])
+            return jnp.where(mask.any(-1)[..., None, None], out, 0).astype(q.dtype)
+
+        outs = []
+        for c0 in range(0, rows, text_chunk):
+            args = (q_text[:, c0:c0 + text_chunk], order[:, c0:c0 + text_chunk])
+            outs.append(jax.lax.cond(n_text > c0, attend, lambda qc, pos: jnp.zeros_like(qc), *args))
+        o_text = jnp.zeros_like(q).at[jnp.arange(b)[:, None], order].set(jnp.concatenate(outs, axis=1))
+        return jnp.where(vision[..., None, None], o_vision, o_text)
+
+    return jax.lax.cond(text.sum(1).max() <= rows, closed_form, full)
 
 
 def check_native_packing(mode: str, samples_per_row: int) -> None:
