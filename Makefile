@@ -14,7 +14,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 found on PATH or through pyenv; install one (e.g. 'pyenv install 3.12')" >&2; exit 1; }
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	# torchvision and qwen-vl-utils (its internals are stood in for by name) run the release's video pipeline, the
+	# oracle of tests/test_video_pixels.py; resolved with torch in one go so the two builds match.
+	$(PY) -m pip install -q -e '.[test]' torchvision qwen-vl-utils==0.0.14
 	# lmms-eval's own answer parsers are the oracle of tests/test_eval_scoring.py: its files, not its dependencies.
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@

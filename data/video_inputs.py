@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from data.decode import read_video
+from data.decode import SampledFrames, read_video
 from nsa_jax import presets, processing
 
 
@@ -20,23 +20,27 @@ class VideoInputs:
 
 def read_video_inputs(path: str, preset: presets.Preset) -> VideoInputs:
     """The patchified frames of `path` under `preset`; raises data.decode.VideoDecodeError."""
-    sampler = functools.partial(presets.frame_indices, preset=preset)
     if not preset.lmms_eval:
-        sampled = read_video(path, sampler)
+        sampled = read_video(path, functools.partial(presets.frame_indices, preset=preset))
         pixels, grid, spg = processing.preprocess_video(sampled.frames, sampled.fps, min_pixels=preset.min_pixels,
                                                         max_pixels=preset.max_pixels)
         return VideoInputs(pixels, grid, [spg])
+    pixels, grid, spg = presets.processor_video(fetch_video(path, preset).frames, preset)
+    return VideoInputs(pixels, grid, [spg])
+
+
+def fetch_video(path: str, preset: presets.Preset) -> SampledFrames:
+    """What lmms-eval's ``fetch_video`` hands the processor under an ``lmms_eval`` preset: the sampled frames, each
+    resized (uint8) as soon as it is decoded; raises data.decode.VideoDecodeError."""
     num_frames = 0
 
     def counting_sampler(total: int, video_fps: float) -> tuple[np.ndarray, float]:
         nonlocal num_frames
-        indices, fps = sampler(total, video_fps)
+        indices, fps = presets.frame_indices(total, video_fps, preset)
         num_frames = len(indices)
         return indices, fps
 
-    def fetch(frame: np.ndarray) -> np.ndarray:  # lmms-eval's fetch_video resize, each frame as it is decoded
+    def fetch(frame: np.ndarray) -> np.ndarray:  # the frame count is known before any frame is decoded
         return presets.fetch_frame(frame, *presets.fetch_size(*frame.shape[:2], num_frames, preset))
 
-    sampled = read_video(path, counting_sampler, fetch)
-    pixels, grid, spg = presets.processor_video(sampled.frames, preset)
-    return VideoInputs(pixels, grid, [spg])
+    return read_video(path, counting_sampler, fetch)

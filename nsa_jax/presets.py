@@ -71,55 +71,89 @@ def fetch_size(height: int, width: int, num_frames: int, preset: Preset) -> tupl
 
 
 def resize_float(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bicubic resize of float32 [T, H, W, C] as torch's CPU ``interpolate(..., antialias=True)``:
-    float32 weights, width pass then height pass, each output one fused multiply-add chain."""
+    """float32 [T, H, W, C] resized bit for bit as torch's CPU ``interpolate(mode="bicubic", antialias=True)``
+    resizes float32 NCHW: both of the release's resizes (qwen-vl-utils' ``fetch_video`` casts the uint8 frames to
+    float32 first; the video processor is handed float32 frames).
+
+    ATen's separable kernel: the width pass, then the height pass on its float32 result (an axis whose size is
+    unchanged is skipped), with ``_aa_taps``' weights. Its loop ``acc = x[0] * w[0]; acc += x[j] * w[j]`` as GCC
+    13 compiled it in torch's AVX2 build (read in the binaries of torch 2.8.0, the release's lock, and 2.14.1; CPUs
+    with AVX512 run it too, the kernel has no AVX512 build): of an output's n taps, the 4 * ((n - 1) // 4) after
+    the first go four at a time, four float32 products then four in-order float32 adds; each later tap is one
+    fused multiply-add. (A CPU without AVX2 runs torch's plain scalar build, which this does not reproduce.)
+    """
     frames = np.asarray(frames, np.float32)
-    if frames.shape[2] != width:
-        frames = _float_pass(frames, 2, width)
-    if frames.shape[1] != height:
-        frames = _float_pass(frames, 1, height)
-    return frames
-
-
-def _float_pass(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    moved = np.moveaxis(x, axis, 0).astype(np.float64)
-    out = np.empty((out_size,) + moved.shape[1:], np.float32)
-    for i, (xmin, weights) in enumerate(_float_taps(moved.shape[0], out_size)):
-        acc = (moved[xmin] * weights[0]).astype(np.float32)
-        for j in range(1, len(weights)):
-            acc = (acc.astype(np.float64) + moved[xmin + j] * weights[j]).astype(np.float32)  # one rounding
-        out[i] = acc
-    return np.moveaxis(out, 0, axis)
+    out = np.empty(frames.shape[:1] + (height, width) + frames.shape[3:], np.float32)
+    for t, frame in enumerate(frames):  # one frame at a time bounds the temporaries
+        for axis, size in ((1, width), (0, height)):
+            if frame.shape[axis] == size:
+                continue
+            index, weight, unfused = _aa_taps(frame.shape[axis], size)
+            x = np.moveaxis(frame, axis, 0)
+            acc = x[index[:, 0]] * weight[:, 0, None, None]  # numpy's float32 ops round each result once
+            for k in range(1, index.shape[1]):
+                if not weight[:, k].any():  # past every output's support: a tap of weight 0 leaves acc as it is
+                    continue
+                xk, wk, uk = x[index[:, k]], weight[:, k, None, None], unfused[:, k]
+                if uk.all():
+                    acc = acc + xk * wk
+                elif not uk.any():
+                    acc = _fma32(xk, wk, acc)
+                else:
+                    acc = np.where(uk[:, None, None], acc + xk * wk, _fma32(xk, wk, acc))
+            frame = np.moveaxis(acc, 0, axis)
+        out[t] = frame
+    return out
 
 
 @functools.lru_cache(maxsize=32)
-def _float_taps(in_size: int, out_size: int) -> tuple[tuple[int, tuple[float, ...]], ...]:
-    """Per output index: (first input index, float32 weights as float64)."""
-    f32 = np.float32
-    scale = f32(in_size / out_size)
-    support = f32(2.0 * scale) if scale >= 1.0 else f32(2.0)
-    invscale = f32(1.0 / scale) if scale >= 1.0 else f32(1.0)
-    taps = []
-    for i in range(out_size):
-        center = f32(np.float64(scale) * (i + 0.5))
-        xmin = max(int(np.float64(center) - np.float64(support) + 0.5), 0)
-        xsize = min(int(np.float64(center) + np.float64(support) + 0.5), in_size) - xmin
-        w = [_keys_f32(f32((np.float64(f32(j + xmin) - center) + 0.5) * np.float64(invscale))) for j in range(xsize)]
-        total = f32(0.0)
-        for v in w:
-            total = f32(total + v)
-        taps.append((xmin, tuple(float(f32(v / total)) if total != 0.0 else float(v) for v in w)))
-    return tuple(taps)
+def _aa_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input indices [out, K], float32 weights [out, K] and which taps are added unfused [out, K] of one axis, as
+    ATen's ``_compute_indices_min_size_weights_aa`` computes them in float32: scale = in / out, PIL's support and
+    centering, Keys cubic (a = -0.5) weights (its polynomials as FMAs), normalised by their sequential sum.
+    Weights past an output's support are 0, their indices clipped into range."""
+    f32, f64 = np.float32, np.float64
+    scale = f32(f32(in_size) / f32(out_size))
+    support = f32(2.0 * f64(scale)) if scale >= 1.0 else f32(2.0)
+    invscale = f32(1.0 / f64(scale)) if scale >= 1.0 else f32(1.0)
+    taps = int(np.ceil(support)) * 2 + 1
+    center = (f64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
+    xmin = np.maximum((center - support).astype(f64) + 0.5, 0).astype(np.int64)  # float32 difference, then trunc
+    xsize = np.clip(np.minimum(((center + support).astype(f64) + 0.5).astype(np.int64), in_size) - xmin, 0, taps)
+    j = np.arange(taps)
+    arg = (((xmin[:, None] + j).astype(f32) - center[:, None]).astype(f64) + 0.5) * f64(invscale)
+    x = np.abs(arg.astype(f32))
+    a = f32(-0.5)  # Keys: ((a + 2) x - (a + 3)) x x + 1 below 1, ((a x - 5 a) x + 8 a) x - 4 a below 2, as FMAs
+    near = _fma32((_fma32(f32(a + 2), x, -f32(a + 3)) * x), x, f32(1))
+    far = _fma32(_fma32(_fma32(a, x, -f32(5 * a)), x, f32(8 * a)), x, -f32(4 * a))
+    w = np.where(j < xsize[:, None], np.where(x < 1, near, np.where(x < 2, far, f32(0))), f32(0))
+    total = np.zeros(out_size, f32)
+    for k in range(taps):  # the sequential float32 sum of the C++ loop
+        total = total + w[:, k]
+    w = np.where(total[:, None] != 0, w / np.where(total == 0, f32(1), total)[:, None], w)
+    index = np.minimum(xmin[:, None] + j, in_size - 1)
+    unfused = (j >= 1) & (j <= (xsize[:, None] - 1) // 4 * 4)
+    return index, w.astype(f32), unfused
 
 
-def _keys_f32(x: np.float32) -> np.float32:
-    f32, a = np.float32, np.float32(-0.5)
-    x = abs(x)
-    if x < 1.0:
-        return f32(f32(f32(f32(a + 2) * x - f32(a + 3)) * x) * x + 1)
-    if x < 2.0:
-        return f32(f32(f32(f32(a * x - f32(5 * a)) * x) + f32(8 * a)) * x - f32(4 * a))
-    return f32(0.0)
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 ``a * b + c`` rounded once, as an FMA instruction. The float32 product is exact in float64; the
+    float64 sum s then rounds to the float32 the exact sum does unless s is a float32 halfway point (low 29
+    fraction bits 1000...) or nonzero below float32's normal range. Only there the error of s is taken (TwoSum):
+    s made round-to-odd rounds to float32 as the exact sum does (53 >= 24 + 2 bits)."""
+    p = np.multiply(a, b, dtype=np.float64)
+    s = np.add(p, c, dtype=np.float64)
+    bits = s.view(np.int64)
+    tiny = ((bits & 0x7FF0000000000000) < (1023 - 125) << 52) & (s != 0)
+    doubtful = ((bits & 0x1FFFFFFF) == 0x10000000) | tiny
+    if doubtful.any():
+        at = np.nonzero(doubtful)
+        ps, cs, ss = p[at], np.broadcast_to(c, s.shape)[at].astype(np.float64), s[at]
+        pv = ss - cs
+        e = (ps - pv) + (cs - (ss - pv))  # ss + e == ps + cs exactly
+        inexact = e != 0
+        bits[at] = (bits[at] - (inexact & ((e < 0) != (ss < 0)))) | inexact  # toward zero, then the odd bit
+    return s.astype(np.float32)
 
 
 def fetch_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
