@@ -1,6 +1,10 @@
 """NSA attention benchmark: our Pallas NSA vs cuDNN dense causal (JAX) vs fla-core `parallel_nsa` with the
 VideoNSA 64-padded heads (torch), one table from one run.
 
+Mode videonsa times the released layer's whole attention core (`nsa_jax.videonsa.videonsa_attention`: NSA over
+the vision rows plus the dense branch) on a video prompt's routing: 20 text rows, then frames of 273 tokens
+whose first token is routed as text (its mRoPE ids are equal), then 40 text rows.
+
   python -m launch.bench --seq_lens=8192,16384,32768,65536,131072 --heads=28 --kv_heads=4 --head_dim=128 \
       --passes=fwd,fwd_bwd --out=bench.json
 
@@ -103,6 +107,19 @@ def _nsa_fn():
             return nsa_attention(q, k, v, gc, gs, gw, **kw)
 
     return nsa
+
+
+def _videonsa_fn(t: int):
+    from nsa_jax.config import NSAConfig
+    from nsa_jax.videonsa import videonsa_attention
+
+    nsa = NSAConfig(mode="videonsa", block_size=FLAGS.block_size, block_count=FLAGS.block_count,
+                    window_size=FLAGS.window_size, impl="pallas")
+    vision = np.ones((FLAGS.batch, t), bool)
+    vision[:, :20] = vision[:, -40:] = False
+    vision[:, 20:t - 40:273] = False
+    vision = jnp.asarray(vision)
+    return lambda q, k, v, gc, gs, gw: videonsa_attention(nsa, q, k, v, jnp.stack([gc, gs, gw], -1), vision)
 
 
 def _cudnn_fn():
@@ -263,7 +280,8 @@ def main(argv):
             for method in FLAGS.methods:
                 try:
                     if method == "nsa":
-                        ms = _time_jax_method(_nsa_fn, t, passes)
+                        make = (lambda: _videonsa_fn(t)) if FLAGS.mode == "videonsa" else _nsa_fn
+                        ms = _time_jax_method(make, t, passes)
                     elif method == "cudnn":
                         ms = _time_jax_method(_cudnn_fn, t, passes)
                     else:

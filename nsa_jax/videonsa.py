@@ -12,6 +12,8 @@ Two modes (SPEC §2, §3):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,6 +45,31 @@ def nsa_rows(nsa: NSAConfig, ctx: TokenContext) -> jax.Array:
     return mrope_vision_rows(ctx.position_ids) if nsa.mode == "videonsa" else ctx.vision_mask
 
 
+def nsa_branch(nsa: NSAConfig, q, k, v, gates, segment_ids) -> jax.Array:
+    """The NSA branch of a config: `nsa_attention` with its block size, count, window, selection, kernel
+    implementation and mode's flags; gates [B, T, H, 3] (cmp, slc, swa)."""
+    return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=nsa.block_size,
+                         block_count=nsa.block_count, window_size=nsa.window_size, segment_ids=segment_ids,
+                         selection=nsa.selection, impl=nsa.impl, **kernel_variant(nsa).flags())
+
+
+def videonsa_attention(nsa: NSAConfig, q: jax.Array, k: jax.Array, v: jax.Array, gate_logits: jax.Array,
+                       vision: jax.Array, *, segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
+                       implementation: str | None = None) -> jax.Array:
+    """Mode videonsa's attention core (SPEC §2) on [B, T] rows: q [B, T, H, D], k, v [B, T, K, D], gate logits
+    [B, T, H, 3] and the vision rows [B, T]. As the release's `_mixed_attention`, a call whose rows are all
+    vision takes NSA alone (no dense branch)."""
+    all_vision = vision.all()
+    rows = vision[..., None, None]  # [B, T, 1, 1]
+    gates = jax.nn.sigmoid(jnp.where(rows, gate_logits, 0.0))
+    zero = jnp.zeros((), q.dtype)
+    o_nsa = nsa_branch(nsa, jnp.where(rows, q, zero), jnp.where(rows, k, zero), jnp.where(rows, v, zero), gates,
+                       nsa_segments(segment_ids))
+    o_dense = videonsa_dense_branch(q, k, v, vision, segment_ids=segment_ids, kv_valid=kv_valid,
+                                    implementation=implementation)
+    return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
+
+
 class NSAAttention(DenseAttention):
     """Qwen2.5-VL attention with the VideoNSA gates (`g_proj_1`, `g_proj_2`) and hybrid routing."""
 
@@ -61,34 +88,16 @@ class NSAAttention(DenseAttention):
         g = self.g_proj_2(jax.nn.gelu(self.g_proj_1(x), approximate=False))
         return g.reshape(*x.shape[:2], self.num_heads, 3) / self.nsa.gate_temperature
 
-    def _nsa(self, q, k, v, gates, segment_ids) -> jax.Array:
-        n = self.nsa
-        return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=n.block_size,
-                             block_count=n.block_count, window_size=n.window_size, segment_ids=segment_ids,
-                             selection=n.selection, impl=n.impl, **kernel_variant(n).flags())
-
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, x: jax.Array, ctx: TokenContext) -> jax.Array:
         """The hybrid over the chunk itself: NSA for the rows `nsa_rows` routes there, dense for the others."""
         rows = dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid, vision=nsa_rows(self.nsa, ctx))
         if self.nsa.mode == "videonsa":
             # The padded layout pairs query heads with several KV heads: heads stay whole on each device.
-            return head_parallel(self.runtime.mesh, self._videonsa, (q, k, v, self.gate_logits(x)), rows,
+            core = functools.partial(videonsa_attention, self.nsa, implementation=self.runtime.attention_impl)
+            return head_parallel(self.runtime.mesh, core, (q, k, v, self.gate_logits(x)), rows,
                                  num_kv_heads=self.num_kv_heads, split_heads=False)
         return head_parallel(self.runtime.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
                              num_kv_heads=self.num_kv_heads)
-
-    def _videonsa(self, q, k, v, gate_logits, *, vision, segment_ids, kv_valid) -> jax.Array:
-        """Mode videonsa on [B, T] rows: q, k, v, gate logits [B, T, H, 3] and the vision rows [B, T]. As the
-        release's `_mixed_attention`, a call whose rows are all vision takes NSA alone (no dense branch)."""
-        all_vision = vision.all()
-        vision = vision[..., None, None]  # [B, T, 1, 1]
-        gates = jax.nn.sigmoid(jnp.where(vision, gate_logits, 0.0))
-        zero = jnp.zeros((), q.dtype)
-        o_nsa = self._nsa(jnp.where(vision, q, zero), jnp.where(vision, k, zero), jnp.where(vision, v, zero),
-                          gates, nsa_segments(segment_ids))
-        o_dense = videonsa_dense_branch(q, k, v, vision[..., 0, 0], segment_ids=segment_ids, kv_valid=kv_valid,
-                                        implementation=self.runtime.attention_impl)
-        return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
 
     def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
         """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]."""
@@ -100,7 +109,7 @@ class NSAAttention(DenseAttention):
         inverse = jnp.argsort(order, axis=1)
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
         seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
-        o_nsa = self._nsa(take(q, order), take(k, order), take(v, order), take(gates, order), seg)
+        o_nsa = nsa_branch(self.nsa, take(q, order), take(k, order), take(v, order), take(gates, order), seg)
         o_nsa = take(o_nsa, inverse)
         o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
                                        kv_valid=kv_valid, implementation=self.runtime.attention_impl)

@@ -57,3 +57,22 @@ def test_bench_generate_runs_each_mode(tmp_path):
         assert row["video_tokens"] == 64 and row["prompt_tokens"] == 64 + 62
         assert row["prefill_s"] > 0 and row["cache_slots"] >= row["prompt_tokens"] + 2 * 2 + 1
         assert abs(row["decode_tokens_per_s"] * row["decode_s"] - 2) < 1e-6
+
+
+def test_bench_videonsa_mode_and_plot(tmp_path):
+    """Mode videonsa times the released layer's attention core; plot_bench draws the bench JSON's series
+    (ms against T) and prints exactly those values."""
+    r = _run(["launch.bench", "--seq_lens=64,80", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
+              "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--mode=videonsa",
+              "--iters=1", "--warmup=0"], tmp_path)
+    assert r["flags"]["mode"] == "videonsa" and [row["T"] for row in r["rows"]] == [64, 80]
+    assert all(row["nsa"]["ms"] > 0 for row in r["rows"])
+    r["rows"][1]["cudnn"] = {"error": "not on CPU"}  # a failed method is left out of the plot
+    (tmp_path / "bench.json").write_text(json.dumps({**r, "flags": {**r["flags"], "methods": ["nsa", "cudnn"]}}))
+    png = tmp_path / "bench.png"
+    out = subprocess.run([sys.executable, "-m", "launch.plot_bench", f"--inputs={tmp_path / 'bench.json'}",
+                          f"--out={png}"], check=True, capture_output=True, text=True).stdout
+    (drawn,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert drawn == {"mode": "videonsa", "pass": "fwd", "method": "nsa", "T": [64, 80],
+                     "ms": [row["nsa"]["ms"] for row in r["rows"]]}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
