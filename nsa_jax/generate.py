@@ -104,9 +104,13 @@ def _vision_inputs(model: Qwen25VL, vision: VisionPrompt) -> tuple[VisionInput |
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-    """text before the first stop string, and whether there was one."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    """text cut at each stop string in turn (`text.split(s)[0]`, as lmms-eval's wrappers cut), and whether one
+    occurred."""
+    hit = False
+    for s in stop_strings:
+        if s and s in text:
+            text, hit = text.split(s)[0], True
+    return text, hit
 
 
 class Decoder:
@@ -195,16 +199,20 @@ def generate(model: Qwen25VL, prompts: Sequence[tuple[Sequence[int] | np.ndarray
 
 def answer(model: Qwen25VL, tokenizer, vision: VisionPrompt, text: str, *, max_new_tokens: int,
            stop_strings: Sequence[str] = ()) -> str:
-    """The model's greedy answer to `text` about the video of `vision`: the chat template with the video
-    before the text and a generation prompt, stopping at the end-of-turn token or a stop string."""
+    """The model's greedy answer to `text` about the video of `vision`, as the lmms-eval VideoNSA wrapper takes it:
+    the chat template with the video before the text and a generation prompt; generation stops at the
+    tokenizer's end-of-turn token <|im_end|> (the wrapper passes `eos_token_id=tokenizer.eos_token_id`, which
+    replaces the checkpoint's list) or a stop string; special tokens are dropped from the text, which is not
+    stripped."""
     from nsa_jax.chat import encode_chat
-    from nsa_jax.tokenizer import ENDOFTEXT, IM_END
+    from nsa_jax.tokenizer import IM_END
 
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
     ids, _ = encode_chat(tokenizer, messages, video_grid_thw=vision.video_grid_thw,
                          merge_size=model.config.vision.spatial_merge_size, add_generation_prompt=True)
-    eos = [tokenizer.special_ids[IM_END], tokenizer.special_ids[ENDOFTEXT]]
+    eos = [tokenizer.special_ids[IM_END]]
+    stop_strings = [s for s in stop_strings if s != "\n\n"]  # the wrapper drops this one from `until`
     detokenize = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
     out = generate(model, [(ids, vision)], max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    stop_strings=stop_strings, detokenize=detokenize)[0]
-    return out.text.strip()
+    return out.text
