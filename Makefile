@@ -15,9 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torchvision and qwen-vl-utils (its internals are stood in for by name) run the release's video pipeline, the
-	# oracle of tests/test_video_pixels.py; resolved with torch in one go so the two builds match.
+	# oracle of tests/eval/test_video_pixels.py; resolved with torch in one go so the two builds match.
 	$(PY) -m pip install -q -e '.[test]' torchvision qwen-vl-utils==0.0.14
-	# lmms-eval's own answer parsers are the oracle of tests/test_eval_scoring.py: its files, not its dependencies.
+	# lmms-eval's own answer parsers are the oracle of tests/eval/test_eval_scoring.py: its files, not its dependencies.
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 

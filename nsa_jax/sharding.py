@@ -132,7 +132,7 @@ def declared_axes(var: nnx.Variable) -> Axes | None:
 def param_logical_axes(model: Any) -> dict[str, Axes]:
     """{dotted path ('language_model.layers.0.self_attn.q_proj.kernel'): logical axes} of every nnx.Param of
     a module (or its state, abstract ones too) as declared where it was created; a parameter without
-    declared axes (none in this model: tests/test_sharding_axes.py) is replicated."""
+    declared axes (none in this model: tests/model/test_sharding_axes.py) is replicated."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = declared_axes(var)

@@ -1,10 +1,16 @@
 """The import contracts of setup.cfg (checked by `lint-imports` in `make test`) classify every module of nsa_jax:
-each is the model's or the processor's (or in nsa_jax.training), so a new module cannot slip past them."""
+each is the model's or the processor's (or in nsa_jax.training), so a new module cannot slip past them. The tests
+sit in folders by part (README "Layout"), each a package, so pytest collects every file once."""
 
 import configparser
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import tests
+
+ROOT = pathlib.Path(tests.ROOT)
+# Test folders: one per part, plus the shared oracles (references) and harness (support), which hold no tests.
+TEST_PARTS = {"kernels", "model", "processor", "data", "training", "eval", "launch"}
+TEST_SHARED = {"references", "support"}
 
 
 def _modules(contract: str, key: str) -> set[str]:
@@ -34,3 +40,15 @@ def test_installs_only_the_two_libraries():
     packages = setuptools.find_packages(str(ROOT), include=include)
     assert {p.split(".")[0] for p in packages} == {"nsa_jax", "pallas_kernels"}
     assert "nsa_jax.training" in packages
+
+
+def test_tests_sit_in_their_parts_folders():
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == TEST_PARTS | TEST_SHARED, sorted(folders ^ (TEST_PARTS | TEST_SHARED))
+    assert {p.name for p in (ROOT / "tests").glob("*.py")} == {"__init__.py", "test_structure.py"}
+    for name in folders:
+        folder = ROOT / "tests" / name
+        assert (folder / "__init__.py").exists(), name  # module names tests.<part>.<file>: no basename clashes
+        tests_here = [p.name for p in folder.glob("test_*.py")]
+        assert bool(tests_here) == (name in TEST_PARTS), (name, tests_here)
+        assert not [p for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"], name

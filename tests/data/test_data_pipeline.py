@@ -19,7 +19,8 @@ from data.synthetic import generate
 from nsa_jax import processing, tiny_config
 from nsa_jax.tokenizer import (ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
                                ByteTokenizer)
-from test_data_predecode import reference_frames
+
+from tests.references.video_frames import reference_frames
 
 SETTINGS = DecodeSettings(fps=4, min_frames=4, max_frames=16, min_pixels=28 * 28, max_pixels=56 * 56)
 CFG = tiny_config()

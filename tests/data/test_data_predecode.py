@@ -4,7 +4,6 @@ their line, interrupted runs resume without redoing finished shards, TFDS reads 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,8 +11,6 @@ import sys
 import av
 import numpy as np
 import pytest
-import torch
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 import data.predecode as predecode_module
 from data.annotations import AnnotationError, load_annotations
@@ -23,7 +20,9 @@ from data.records import decode_record
 from data.shards import FAILURES, Manifest, shard_paths
 from data.synthetic import generate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+from tests.references.video_frames import reference_frames
+
 SETTINGS = DecodeSettings(fps=4, min_frames=4, max_frames=24, min_pixels=28 * 28, max_pixels=56 * 84)
 
 
@@ -45,21 +44,6 @@ def records(out_dir: str) -> list[dict]:
     import grain
     src = grain.sources.ArrayRecordDataSource(shard_paths(out_dir))
     return [decode_record(src[i]) for i in range(len(src))]
-
-
-def reference_frames(path: str, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, float]:
-    """qwen-vl-utils' sampling and torchvision's resize, written out with PyAV and torch."""
-    with av.open(path) as c:
-        video_fps = float(c.streams.video[0].average_rate)
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    total = len(frames)
-    n = min(max(total / video_fps * s.fps, math.ceil(s.min_frames / 2) * 2), math.floor(min(s.max_frames, total) / 2) * 2)
-    n = math.floor(n / 2) * 2
-    idx = torch.linspace(0, total - 1, n).round().long().numpy()
-    h, w = hf_smart_resize(*frames[0].shape[:2], factor=28, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
-    nchw = torch.from_numpy(np.stack([frames[i] for i in idx])).permute(0, 3, 1, 2).contiguous()
-    resized = torch.nn.functional.interpolate(nchw, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    return resized.permute(0, 2, 3, 1).numpy(), idx / video_fps, n / total * video_fps
 
 
 def test_frames_equal_an_independent_decode_and_resize(source, frames_dir):

@@ -16,7 +16,8 @@ from data.predecode import predecode
 from data.shards import ShardError, shard_paths
 from data.synthetic import generate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+
 ENTRY = {"id": "a", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ"},
                                                         {"from": "gpt", "value": "A"}]}
 

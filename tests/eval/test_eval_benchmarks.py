@@ -13,7 +13,7 @@ import pytest
 
 from data.synthetic import write_mp4
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def _video(path, frames=8, size=(56, 84)) -> None:

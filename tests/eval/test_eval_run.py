@@ -15,7 +15,7 @@ from data.tasks.base import Item
 from data.tasks.generic import Question
 from data.tasks.runner import merge, part_path, run_shard, table_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def _items(n: int) -> list[Item]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from fake_devices import run_with_fake_devices
+from tests.support.fake_devices import run_with_fake_devices
 
 
 def _compare() -> dict:

@@ -7,7 +7,7 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def test_quickstart_notebook_executes():

@@ -4,7 +4,6 @@ found as defined, and the CLI writes its JSON and plots."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from nsa_jax.rope import mrope_cos_sin
 from pallas_kernels import reference as ref
 from pallas_kernels.layout import head_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def test_sinks_hand_computed():

@@ -12,11 +12,11 @@ import pytest
 from safetensors.numpy import save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import hf_logits, hf_model
 from nsa_jax import CheckpointError, from_pretrained, save_hf, tiny_config
 from nsa_jax.conversion import iter_hf_tensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+from tests.references.hf_reference import hf_logits, hf_model
 
 
 def _tensors(path) -> dict[str, np.ndarray]:

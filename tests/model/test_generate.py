@@ -11,10 +11,11 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import hf_model
 from nsa_jax import NSAConfig, VisionInput, from_pretrained, get_rope_index, init_model, tiny_config, vision_layout
 from nsa_jax.generate import Sampling, VisionPrompt, generate
-from videonsa_torch_reference import videonsa_checkpoint
+
+from tests.references.hf_reference import hf_model
+from tests.references.videonsa_torch_reference import videonsa_checkpoint
 
 GRID = np.array([[4, 8, 8]])  # 64 vision tokens: 8 NSA blocks of 8
 SECONDS = [1.0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_reference import hf_logits, hf_model
 from nsa_jax import from_pretrained, get_rope_index, tiny_config
+
+from tests.references.hf_reference import hf_logits, hf_model
 
 TOL = 1e-4
 

@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from fake_devices import run_with_fake_devices
 from nsa_jax.config import NSAConfig, model_preset
 from nsa_jax.model import Qwen25VL
 from nsa_jax.sharding import (LOGICAL_RULES, declared_axes, logical_rules, logical_to_spec,
                               param_logical_axes)
+
+from tests.support.fake_devices import run_with_fake_devices
 
 # The path-fragment table (and its lookup) that the declared axes replaced, frozen here as the reference:
 # (path fragment, logical axes of the kernel / embedding, of the bias). First match wins.

@@ -19,7 +19,8 @@ from nsa_jax.conversion import iter_hf_tensors
 from nsa_jax.attention import TokenContext
 from nsa_jax.rope import mrope_cos_sin
 from pallas_kernels import nsa_attention
-from videonsa_torch_reference import videonsa_checkpoint, videonsa_layer
+
+from tests.references.videonsa_torch_reference import videonsa_checkpoint, videonsa_layer
 
 NSA = dict(block_size=4, block_count=2, window_size=8, gate_temperature=0.3)
 

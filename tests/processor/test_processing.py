@@ -23,9 +23,10 @@ from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImagePr
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 from transformers.video_utils import VideoMetadata
 
-from hf_reference import QWEN_TEMPLATE
 from nsa_jax import chat, processing
 from nsa_jax.tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+from tests.references.hf_reference import QWEN_TEMPLATE
 
 RNG = np.random.default_rng(0)
 

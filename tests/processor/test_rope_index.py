@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import hf_model
 from nsa_jax import get_rope_index, tiny_config
+
+from tests.references.hf_reference import hf_model
 
 CFG = tiny_config()
 

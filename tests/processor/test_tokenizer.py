@@ -6,8 +6,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 from nsa_jax import chat
-from hf_reference import QWEN_TEMPLATE
 from nsa_jax.tokenizer import QWEN_SPECIAL_IDS, SPECIAL_TOKENS, ByteTokenizer, load_tokenizer
+
+from tests.references.hf_reference import QWEN_TEMPLATE
 
 QWEN_PRETOKENIZE = (  # Qwen2TokenizerFast's split pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

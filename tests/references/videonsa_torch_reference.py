@@ -184,9 +184,9 @@ def _qkv(attn, hidden, cos, sin, cache):
 def native_layer(attn, hidden, cos, sin, vision, nsa: dict, cache: dict | None = None):
     """SPEC §3's layer (mode native) on an HF attention module with gates: the vision tokens [B, T] (image /
     video pads) through NSA over them alone (gathered, causal compression, GQA: `numpy_nsa`, the numpy loops of
-    tests/test_nsa_reference.py), the text rows dense; a chunk with no vision token (a decode step) attends
+    tests/references/numpy_nsa.py), the text rows dense; a chunk with no vision token (a decode step) attends
     densely to the whole cache."""
-    from test_nsa_reference import numpy_nsa
+    from tests.references.numpy_nsa import numpy_nsa
 
     b, t, _ = hidden.shape
     hq = attn.config.num_attention_heads
@@ -249,7 +249,7 @@ def videonsa_checkpoint(path, cfg, nsa: dict, seed: int = 0, mode: str = "videon
     import json
     import types
 
-    from hf_reference import hf_model
+    from tests.references.hf_reference import hf_model
 
     hf = hf_model(cfg, seed=seed)
     state = {"caches": None, "nsa": dict(nsa)}

@@ -20,7 +20,8 @@ from launch import convert as convert_cli
 from nsa_jax import CheckpointError, conversion, from_pretrained
 from nsa_jax.sharding import dotted_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+
 TOKENIZER_TEXT = '{"stand-in": "a tokenizer.json the run names; synthetic data never reads it"}'
 
 

@@ -1,5 +1,5 @@
 """Issue 21, item 10(a): metrics.jsonl holds each step once after a kill and a resume; the rows logged past
-the restored checkpoint (and a torn last line) are kept aside, not lost. (tests/test_train_resume.py checks the
+the restored checkpoint (and a torn last line) are kept aside, not lost. (tests/training/test_train_resume.py checks the
 same through a real kill -9 and resume.)"""
 
 from __future__ import annotations

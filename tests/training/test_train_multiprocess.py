@@ -26,7 +26,7 @@ from nsa_jax.training.synthetic_data import SyntheticBatches
 from nsa_jax.training.train_step import StepFunctions
 from nsa_jax.vision import vision_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def _free_port() -> int:

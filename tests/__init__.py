@@ -1,0 +1,10 @@
+"""The test suite, in folders by the part each file tests: kernels (pallas_kernels), model (nsa_jax's model
+modules), processor (nsa_jax.processing / chat / tokenizer), data (the pipeline), training (nsa_jax.training and
+launch.train), eval (data.tasks and launch.eval), launch (the other entry points and the notebook); references
+holds the independent oracles the parity tests share, support the test harness. Test modules import them as
+`tests.references.x` / `tests.support.x`: the repository root is on sys.path (pytest's rootdir, or PYTHONPATH in
+the subprocesses the tests start)."""
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
