@@ -6,9 +6,11 @@ import dataclasses
 import warnings
 
 import jax
+import numpy as np
 
 from pallas_kernels import layout as layouts
 from pallas_kernels.backend import kernel_platform, kernel_target
+from pallas_kernels.chunks import static_offset
 from pallas_kernels.reference import LSE_READINGS, nsa_reference
 from pallas_kernels.segments import validate_segments
 
@@ -67,11 +69,20 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
                   g_swa: jax.Array, *, block_size: int = 64, block_count: int = 32, window_size: int = 256,
                   segment_ids: jax.Array | None = None, causal_compression: bool = True,
                   head_layout: str = "gqa", tie_break: str = "recent", selection: str = "token",
-                  lse_reading: str = "per_head", scale: float | None = None, impl: str = "auto") -> jax.Array:
+                  lse_reading: str = "per_head", scale: float | None = None, impl: str = "auto",
+                  q_offset: int | jax.Array | None = None, query_axis: str | tuple[str, ...] | None = None
+                  ) -> jax.Array:
     """Native Sparse Attention: g_cmp * compression + g_slc * selection + g_swa * sliding window, per head.
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D] (HQ a multiple of HKV); gates [B, T, HQ]; any T. Returns o
     [B, T, HQ, D] in q's dtype. scale defaults to D ** -0.5.
+    q_offset: q (and the gates) hold one chunk of the sequence, Tq <= T rows at positions q_offset + [0, Tq);
+      k, v and segment_ids cover the whole sequence. An int, a traced int32 scalar (inside shard_map: axis_index
+      * Tq) or an int32 array [B] (one per batch row). The chunk's rows equal the same rows of the call over
+      the whole sequence (`chunks.py`). Selection "token" only (so on TPU the jnp oracle).
+    query_axis: with q_offset, lse_reading "released" and Tq < T: the mapped axis (shard_map or vmap) along
+      which the chunks lie in order, chunk i at offset i * Tq (the released top-k reads other rows' compression
+      lse: the chunks' are all-gathered along it; no gradient flows there).
     segment_ids [B, T] int: packed samples, see `segments.py` (no attention across segments; every segment
       starts at a multiple of block_size, checked when the ids are concrete).
     causal_compression: True = query i attends complete blocks ending at or before i (SPEC §3); False = the
@@ -91,8 +102,9 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
       reference otherwise).
     """
     b, t, hq, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d:
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k, v must be [B, T, HKV, D] matching q {q.shape}, got {k.shape}, {v.shape}")
+    _check_chunk(q_offset, t, k.shape[1], b, selection)
     for g in (g_cmp, g_slc, g_swa):
         if g.shape != (b, t, hq):
             raise ValueError(f"gates must be [B, T, HQ] = {(b, t, hq)}, got {g.shape}")
@@ -112,18 +124,37 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
         raise ValueError(f"lse_reading='released' (the released top-k) needs tie_break='fla' and selection='token', "
                          f"got {tie_break!r} and {selection!r}")
     if segment_ids is not None:
-        if segment_ids.shape != (b, t):
-            raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
+        if segment_ids.shape != k.shape[:2]:
+            raise ValueError(f"segment_ids must be [B, T] = {k.shape[:2]}, got {segment_ids.shape}")
         validate_segments(segment_ids, block_size)
     kwargs = dict(block_size=block_size, block_count=block_count, window_size=window_size,
                   segment_ids=segment_ids, causal_compression=causal_compression, tie_break=tie_break,
-                  selection=selection, lse_reading=lse_reading, scale=scale)
+                  selection=selection, lse_reading=lse_reading, scale=scale, q_offset=q_offset,
+                  query_axis=query_axis)
     if resolve_impl(impl, selection) == "reference":
         return nsa_reference(q, k, v, g_cmp, g_slc, g_swa, head_layout_kind=layout.kind, **kwargs)
     if kernel_target() == "tpu":
         from pallas_kernels.nsa_tpu import nsa_tpu
-        del kwargs["tie_break"], kwargs["selection"], kwargs["lse_reading"]  # "recent", "query_block", "per_head"
+        for key in ("tie_break", "selection", "lse_reading", "q_offset", "query_axis"):
+            del kwargs[key]  # "recent", "query_block", "per_head", no chunk
         return nsa_tpu(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
     from pallas_kernels.nsa_pallas import nsa_pallas
     return nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
 
+
+
+def _check_chunk(q_offset, tq: int, t: int, b: int, selection: str) -> None:
+    """Validates a query chunk (`nsa_attention`'s q_offset) of Tq rows against T keys."""
+    if q_offset is None:
+        if tq != t:
+            raise ValueError(f"q has {tq} rows and k {t}: pass q_offset when q is a chunk of the sequence")
+        return
+    if tq > t:
+        raise ValueError(f"a query chunk of {tq} rows is longer than the {t} keys")
+    if selection != "token":
+        raise NotImplementedError(f"q_offset (a query chunk) supports selection='token' only, got {selection!r}")
+    if np.shape(q_offset) not in ((), (b,)):
+        raise ValueError(f"q_offset must be a scalar or [B] = [{b}], got shape {np.shape(q_offset)}")
+    offset = static_offset(q_offset)
+    if offset is not None and not 0 <= offset <= t - tq:
+        raise ValueError(f"q_offset={offset}: a chunk of {tq} rows must lie within the {t} keys")

@@ -90,7 +90,9 @@ def choose_blocks(qp, kc32, lse, lop, hip, *, t: int, layout: HeadLayout, block_
 
 def nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, *, layout: HeadLayout, block_size: int, block_count: int,
                window_size: int, segment_ids, causal_compression: bool, tie_break: str, selection: str,
-               lse_reading: str, scale):
+               lse_reading: str, scale, q_offset=None, query_axis=None):
+    if q_offset is not None:
+        raise NotImplementedError("nsa_pallas: query chunks (q_offset) are not implemented yet")
     b, t, hq, d = q.shape
     hv, bs = layout.virtual_heads, block_size
     scale = d ** -0.5 if scale is None else float(scale)

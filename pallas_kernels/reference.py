@@ -10,6 +10,8 @@ Masks (i query, j key or block, bs block size, seg(.) the segment; blocks never 
   per head of the group ("fla", inside fla's network). lse_p is row p's own lse, or (lse reading
   "released", SPEC §2.11) what the released top-k reads: `read_lse`.
 - selection: keys j <= i of the chosen blocks. Window: i - window < j <= i. Same segment everywhere.
+i is a query row's absolute position: `positions` [B, Tq] (default 0 .. T - 1) where q holds one chunk of the
+sequence whose keys k, v [B, T, ...] and segment ids [B, T] cover it all (`chunks.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.chunks import gather_chunks, query_positions, rows_at
 from pallas_kernels.layout import HeadLayout, head_layout
 from pallas_kernels.segments import default_segments, segment_bounds
 from pallas_kernels.topk_rules import fla_topk, recent_topk
@@ -42,6 +45,14 @@ def _block_segments(segment_ids: jax.Array, block_size: int) -> jax.Array:
     return segment_ids[:, ::block_size]
 
 
+def _rows(q: jax.Array, k: jax.Array, segment_ids, positions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(segment ids of the keys [B, T], positions [B, Tq] of the query rows, their segment ids [B, Tq])."""
+    b, tq = q.shape[:2]
+    seg = default_segments(b, k.shape[1]) if segment_ids is None else segment_ids
+    pos = query_positions(b, tq, None) if positions is None else positions
+    return seg, pos, rows_at(seg, pos)
+
+
 def _masked_softmax_attention(s: jax.Array, mask: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """s [B, P, T, N] logits, mask broadcastable, v [B, N, P, D]; rows with no key give o = 0, lse = -inf.
     Written so that masked-out and empty rows give finite gradients."""
@@ -55,36 +66,36 @@ def _masked_softmax_attention(s: jax.Array, mask: jax.Array, v: jax.Array) -> tu
     return o, lse.transpose(0, 2, 1)
 
 
-def compression_attention(q, k, v, *, block_size: int, causal: bool, segment_ids=None, scale=None):
-    """Attention of q [B, T, P, D] to mean-pooled k, v [B, T, HKV, D]. Returns o [B, T, P, D] float32 and
-    the natural-log lse [B, T, P] (-inf where a row sees no block)."""
-    b, t, p, d = q.shape
+def compression_attention(q, k, v, *, block_size: int, causal: bool, segment_ids=None, scale=None, positions=None):
+    """Attention of q [B, Tq, P, D] to mean-pooled k, v [B, T, HKV, D]. Returns o [B, Tq, P, D] float32 and
+    the natural-log lse [B, Tq, P] (-inf where a row sees no block)."""
+    p, d = q.shape[2:]
     scale = d ** -0.5 if scale is None else scale
-    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    seg, pos, q_seg = _rows(q, k, segment_ids, positions)
     kc, vc = mean_pool(k, block_size), mean_pool(v, block_size)
     nb = kc.shape[1]
     s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
-    i, j = jnp.arange(t)[:, None], jnp.arange(nb)[None, :]
+    i, j = pos[:, :, None], jnp.arange(nb)[None, None, :]
     visible = ((j + 1) * block_size - 1 <= i) if causal else (i <= (j + 1) * block_size - 1)
-    same = seg[:, :, None] == _block_segments(seg, block_size)[:, None, :]
-    return _masked_softmax_attention(s, (visible[None] & same)[:, None], _kv_for_heads(vc, p))
+    same = q_seg[:, :, None] == _block_segments(seg, block_size)[:, None, :]
+    return _masked_softmax_attention(s, (visible & same)[:, None], _kv_for_heads(vc, p))
 
 
-def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None) -> jax.Array:
-    """Importance [B, T, HKV, NB] of past blocks (first block of the segment <= j < i // bs), summed over
-    the heads of each KV head; -inf elsewhere. q [B, T, P, D], k [B, T, HKV, D], lse [B, T, P]."""
+def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None, positions=None) -> jax.Array:
+    """Importance [B, Tq, HKV, NB] of past blocks (first block of the segment <= j < i // bs), summed over
+    the heads of each KV head; -inf elsewhere. q [B, Tq, P, D], k [B, T, HKV, D], lse [B, Tq, P]."""
     b, t, p, d = q.shape
     hkv = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    seg, pos, q_seg = _rows(q, k, segment_ids, positions)
     kc = mean_pool(k, block_size)
     nb = kc.shape[1]
     s = jnp.einsum("btpd,bnpd->btpn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
     finite = jnp.isfinite(lse)[..., None]
     prob = jnp.where(finite, jnp.exp(s - jnp.where(finite, lse[..., None], 0.0)), 0.0)
     imp = prob.reshape(b, t, hkv, p // hkv, nb).sum(3)
-    i, j = jnp.arange(t)[:, None], jnp.arange(nb)[None, :]
-    past = (j < i // block_size)[None] & (seg[:, :, None] == _block_segments(seg, block_size)[:, None, :])
+    i, j = pos[:, :, None], jnp.arange(nb)[None, None, :]
+    past = (j < i // block_size) & (q_seg[:, :, None] == _block_segments(seg, block_size)[:, None, :])
     return jnp.where(past[:, :, None, :], imp, NEG_INF)
 
 
@@ -127,8 +138,9 @@ def _first_block(segment_ids: jax.Array, block_size: int) -> jax.Array:
 
 
 def select_blocks(importance, *, block_size: int, block_count: int, tie_break: str, group_size: int,
-                  segment_ids=None) -> jax.Array:
-    """Chosen blocks [B, T, HKV, block_count] int32 (absolute indices, -1 = empty slot).
+                  segment_ids=None, positions=None) -> jax.Array:
+    """Chosen blocks [B, Tq, HKV, block_count] int32 (absolute indices, -1 = empty slot) from the importance
+    [B, Tq, HKV, NB] of the query rows at `positions`; segment_ids [B, T] of the whole sequence.
 
     tie_break "recent": current block always, then by importance, ties to the most recent block.
     tie_break "fla": fla's bitonic network over blocks relative to the segment start (`topk_rules.py`),
@@ -136,8 +148,9 @@ def select_blocks(importance, *, block_size: int, block_count: int, tie_break: s
     """
     b, t, hkv, nb = importance.shape
     seg = default_segments(b, t) if segment_ids is None else segment_ids
-    first = jnp.broadcast_to(_first_block(seg, block_size)[:, :, None], (b, t, hkv))
-    cur = jnp.broadcast_to((jnp.arange(t) // block_size)[None, :, None], (b, t, hkv))
+    pos = query_positions(b, t, None) if positions is None else positions
+    first = jnp.broadcast_to(rows_at(_first_block(seg, block_size), pos)[:, :, None], (b, t, hkv))
+    cur = jnp.broadcast_to((pos // block_size)[:, :, None], (b, t, hkv))
     if tie_break == "recent":
         return recent_topk(importance, cur, first, block_count=block_count)
     if tie_break != "fla":
@@ -149,29 +162,29 @@ def select_blocks(importance, *, block_size: int, block_count: int, tie_break: s
     return jnp.where(out >= 0, out + first[..., None], -1)
 
 
-def selection_attention(q, k, v, block_indices, *, block_size: int, scale=None, segment_ids=None):
-    """Attention of q [B, T, P, D] to keys j <= i in the blocks `block_indices` [B, T, HKV, S] of its KV head."""
-    b, t, p, d = q.shape
-    hkv = k.shape[2]
+def selection_attention(q, k, v, block_indices, *, block_size: int, scale=None, segment_ids=None, positions=None):
+    """Attention of q [B, Tq, P, D] to keys j <= i in the blocks `block_indices` [B, Tq, HKV, S] of its KV head."""
+    p, d = q.shape[2:]
+    hkv, t = k.shape[2], k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    seg = default_segments(b, t) if segment_ids is None else segment_ids
+    seg, pos, q_seg = _rows(q, k, segment_ids, positions)
     nb = -(-t // block_size)
-    chosen = (block_indices[..., None] == jnp.arange(nb)).any(-2)  # [B, T, HKV, NB]
-    key_chosen = jnp.repeat(chosen, block_size, axis=-1)[..., :t]  # [B, T, HKV, T]
-    mask = jnp.repeat(key_chosen, p // hkv, axis=2).transpose(0, 2, 1, 3)  # [B, P, T, T]
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    mask = mask & (j <= i)[None, None] & (seg[:, :, None] == seg[:, None, :])[:, None]
+    chosen = (block_indices[..., None] == jnp.arange(nb)).any(-2)  # [B, Tq, HKV, NB]
+    key_chosen = jnp.repeat(chosen, block_size, axis=-1)[..., :t]  # [B, Tq, HKV, T]
+    mask = jnp.repeat(key_chosen, p // hkv, axis=2).transpose(0, 2, 1, 3)  # [B, P, Tq, T]
+    i, j = pos[:, :, None], jnp.arange(t)[None, None, :]
+    mask = mask & ((j <= i) & (q_seg[:, :, None] == seg[:, None, :]))[:, None]
     s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(k.astype(jnp.float32), p)) * scale
     return _masked_softmax_attention(s, mask, _kv_for_heads(v.astype(jnp.float32), p))[0]
 
 
-def window_attention(q, k, v, *, window_size: int, scale=None, segment_ids=None):
-    """Causal attention of q [B, T, P, D] to the last `window_size` keys including i, in its segment."""
-    b, t, p, d = q.shape
+def window_attention(q, k, v, *, window_size: int, scale=None, segment_ids=None, positions=None):
+    """Causal attention of q [B, Tq, P, D] to the last `window_size` keys including i, in its segment."""
+    p, d = q.shape[2:]
     scale = d ** -0.5 if scale is None else scale
-    seg = default_segments(b, t) if segment_ids is None else segment_ids
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    mask = ((j <= i) & (j > i - window_size))[None] & (seg[:, :, None] == seg[:, None, :])
+    seg, pos, q_seg = _rows(q, k, segment_ids, positions)
+    i, j = pos[:, :, None], jnp.arange(k.shape[1])[None, None, :]
+    mask = (j <= i) & (j > i - window_size) & (q_seg[:, :, None] == seg[:, None, :])
     s = jnp.einsum("btpd,bnpd->bptn", q.astype(jnp.float32), _kv_for_heads(k.astype(jnp.float32), p)) * scale
     return _masked_softmax_attention(s, mask[:, None], _kv_for_heads(v.astype(jnp.float32), p))[0]
 
@@ -202,27 +215,44 @@ def query_block_importance(importance: jax.Array, block_size: int) -> jax.Array:
     return jnp.repeat(summed, block_size, axis=1)[:, :t]
 
 
+def topk_lse_rows(lse: jax.Array, reading: str, segment_ids, positions, query_axis, length: int) -> jax.Array:
+    """`read_lse` for the query rows at `positions` [B, Tq] of a sequence of `length` tokens, from their own lse
+    [B, Tq, P]. The released reading of a chunk reads other rows' lse too: the chunks' lse are all-gathered
+    along `query_axis` first."""
+    if reading == "per_head" or positions is None:
+        return read_lse(lse, reading, segment_ids)
+    if lse.shape[1] < length:
+        if query_axis is None:
+            raise ValueError("lse_reading='released' on a query chunk needs query_axis (the mapped axis of the chunks)")
+        lse = gather_chunks(lse, query_axis)
+    return rows_at(read_lse(lse, reading, segment_ids), positions)
+
+
 def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_count: int = 32,
                   window_size: int = 256, segment_ids=None, causal_compression: bool = True,
                   head_layout_kind: str = "gqa", tie_break: str = "recent", selection: str = "token",
-                  lse_reading: str = "per_head", scale=None, return_block_indices: bool = False):
+                  lse_reading: str = "per_head", scale=None, return_block_indices: bool = False,
+                  q_offset=None, query_axis=None):
     """The whole NSA: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa per head, in q's dtype. selection
     "query_block": one chosen set per block of block_size queries, by their summed importance. lse_reading:
-    which lse the top-k divides by (`read_lse`)."""
+    which lse the top-k divides by (`read_lse`). q_offset, query_axis: q is a chunk of the keys' sequence
+    (`chunks.py`, `api.nsa_attention`)."""
     layout = head_layout(head_layout_kind, q.shape[2], k.shape[2])
+    pos = None if q_offset is None else query_positions(q.shape[0], q.shape[1], q_offset)
+    rows = dict(segment_ids=segment_ids, positions=pos)
     qe = expand_heads(q, layout)
     gates = [expand_heads(g[..., None].astype(jnp.float32), layout) for g in (g_cmp, g_slc, g_swa)]
-    o_cmp, lse = compression_attention(qe, k, v, block_size=block_size, causal=causal_compression,
-                                       segment_ids=segment_ids, scale=scale)
-    lse = read_lse(jax.lax.stop_gradient(lse), lse_reading, segment_ids)
+    o_cmp, lse = compression_attention(qe, k, v, block_size=block_size, causal=causal_compression, scale=scale,
+                                       **rows)
+    lse = topk_lse_rows(jax.lax.stop_gradient(lse), lse_reading, segment_ids, pos, query_axis, k.shape[1])
     imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), lse, block_size=block_size,
-                           scale=scale, segment_ids=segment_ids)
+                           scale=scale, **rows)
     if selection == "query_block":
         imp = query_block_importance(imp, block_size)
     idx = select_blocks(imp, block_size=block_size, block_count=block_count, tie_break=tie_break,
-                        group_size=layout.group_size, segment_ids=segment_ids)
-    o_slc = selection_attention(qe, k, v, idx, block_size=block_size, scale=scale, segment_ids=segment_ids)
-    o_swa = window_attention(qe, k, v, window_size=window_size, scale=scale, segment_ids=segment_ids)
+                        group_size=layout.group_size, **rows)
+    o_slc = selection_attention(qe, k, v, idx, block_size=block_size, scale=scale, **rows)
+    o_swa = window_attention(qe, k, v, window_size=window_size, scale=scale, **rows)
     o = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_swa
     o = collapse_heads(o, layout).astype(q.dtype)
     return (o, idx) if return_block_indices else o
