@@ -107,6 +107,21 @@ def test_stops_at_eos_and_stop_strings_and_batches():
     np.testing.assert_allclose(both[1].logits, alone.logits, atol=1e-5, rtol=0)
 
 
+def test_stop_strings_cut_as_the_lmms_eval_wrapper_cuts():
+    """Each stop string in turn: `ans.split(term)[0]` for every non-empty term (lmms-eval's videonsa.py)."""
+    from nsa_jax.generate import _cut
+
+    def wrapper(ans, until):
+        for term in until:
+            if len(term) > 0:
+                ans = ans.split(term)[0]
+        return ans
+
+    for text, until in [("abXcYd", ["Y", "X"]), ("abXc", ["Xc", "bX"]), ("no stop", ["", "Z"]), ("a\n\nb", ["\n\n"])]:
+        got, hit = _cut(text, until)
+        assert got == wrapper(text, until) and hit == (got != text)
+
+
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     model = init_model(tiny_config(), seed=1)
     ids, vision = _prompt(model.config)
