@@ -9,15 +9,8 @@ def eval_tokenizer(model_dir: str, config, tokenizer_dir: str | None = None):
     """The HF tokenizer of --tokenizer, of the model directory or of the training run a workdir / checkpoint step
     directory belongs to, else a byte-level one with the config's vision ids."""
     from nsa_jax.conversion import training_tokenizer
-    from nsa_jax.tokenizer import (ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
-                                   ByteTokenizer, load_tokenizer)
+    from nsa_jax.tokenizer import load_tokenizer_or_bytes
 
     tok_dir = tokenizer_dir or (model_dir if os.path.exists(os.path.join(model_dir, "tokenizer.json"))
                                 else training_tokenizer(model_dir))
-    if tok_dir:
-        return load_tokenizer(tok_dir)
-    vision = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,
-              IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id}
-    free = (i for i in range(256, config.text.vocab_size) if i not in vision.values())
-    return ByteTokenizer(config.text.vocab_size, {ENDOFTEXT: next(free), IM_START: next(free), IM_END: next(free),
-                                                  **vision})
+    return load_tokenizer_or_bytes(tok_dir, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -122,3 +122,20 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}")
     return HFTokenizer(file)
+
+
+def byte_tokenizer_for(config: Any) -> ByteTokenizer:
+    """The byte-level fallback for a model config (`nsa_jax.config.ModelConfig`): its vocabulary size and vision
+    token ids, the chat tokens on the lowest ids from 256 that these leave free (so `tiny_config`'s model gets
+    `ByteTokenizer()`'s default layout)."""
+    vision = {VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id,
+              IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id}
+    free = (i for i in range(256, config.text.vocab_size) if i not in vision.values())
+    return ByteTokenizer(config.text.vocab_size, {ENDOFTEXT: next(free), IM_START: next(free), IM_END: next(free),
+                                                  **vision})
+
+
+def load_tokenizer_or_bytes(path: str | Path | None, config: Any) -> Tokenizer:
+    """`load_tokenizer(path)`, or without a path the byte-level fallback of the model config (`byte_tokenizer_for`):
+    the one fallback of training, evaluation and analysis."""
+    return load_tokenizer(path) if path else byte_tokenizer_for(config)

@@ -56,10 +56,9 @@ def tokenizer_file(config: Any) -> str | None:
 
 
 def make_tokenizer(config: Any, model_cfg):
-    """The tokenizer of `tokenizer_file`, else bytes with the model's special ids."""
-    from nsa_jax.tokenizer import ByteTokenizer, load_tokenizer
-    file = tokenizer_file(config)
-    return load_tokenizer(file) if file else ByteTokenizer(model_cfg.text.vocab_size)
+    """The tokenizer of `tokenizer_file`, else bytes with the model's vision ids (`byte_tokenizer_for`)."""
+    from nsa_jax.tokenizer import load_tokenizer_or_bytes
+    return load_tokenizer_or_bytes(tokenizer_file(config), model_cfg)
 
 
 BatchFactory = Callable[..., Iterator[dict[str, np.ndarray]]]

@@ -162,3 +162,22 @@ def test_eval_tokenizer_of_a_training_step_directory(tokenizer_dir, tmp_path):
         tok = eval_tokenizer(str(path), cfg)
         assert isinstance(tok, HFTokenizer) and tok.encode("What happens") == HFTokenizer(
             tokenizer_dir / "tokenizer.json").encode("What happens")
+
+
+def test_one_byte_fallback_for_training_and_eval(tmp_path):
+    """Without a tokenizer.json, training and evaluation fall back to the same byte-level tokenizer: the model
+    config's vision ids (the tiny model's: the default layout), the chat tokens on the first free ids."""
+    from configs.tiny import get_config
+    from nsa_jax import tiny_config
+    from nsa_jax.config import model_preset
+    from nsa_jax.inputs import eval_tokenizer
+    from nsa_jax.tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, byte_tokenizer_for
+    from nsa_jax.training.loop import make_tokenizer
+
+    tiny = tiny_config()
+    assert byte_tokenizer_for(tiny).special_ids == ByteTokenizer(tiny.text.vocab_size).special_ids
+    assert make_tokenizer(get_config(), tiny).special_ids == eval_tokenizer(str(tmp_path), tiny).special_ids
+    ids = byte_tokenizer_for(model_preset("qwen25vl_7b")).special_ids
+    vision = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+    assert {t: ids[t] for t in vision} == {t: QWEN_SPECIAL_IDS[t] for t in vision}
+    assert sorted(i for t, i in ids.items() if t not in vision) == [256, 257, 258]
