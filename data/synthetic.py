@@ -212,3 +212,22 @@ def generate(out_dir: str | os.PathLike, num_videos: int = 96, seed: int = 0, *,
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(items, f, indent=1)
     return os.path.join(out_dir, "annotations.json")
+
+
+def train_and_eval_sets(out_dir: str, train_videos: int, eval_videos: int, *, kinds: Sequence[str],
+                        forms: set[str], **video) -> tuple[str, str, int]:
+    """A training set and a held-out set (the demo's): `train_videos` videos of seed 0 in `<out_dir>/videos_train`,
+    annotated with one single-question sample per video and kind, in the question `forms` ("open", "mc" or
+    both, half each); `eval_videos` videos of seed 1 in `<out_dir>/videos_eval`, their questions of `forms` in
+    `<out_dir>/eval_questions.json`. `video`: `generate`'s video arguments. Returns (training annotations,
+    eval questions file, number of eval questions)."""
+    open_fraction = 1.0 if forms == {"open"} else 0.0 if forms == {"mc"} else 0.5
+    train_ann = generate(os.path.join(out_dir, "videos_train"), train_videos, seed=0, kinds=kinds,
+                         open_fraction=open_fraction, one_question_per_entry=True, **video)
+    generate(os.path.join(out_dir, "videos_eval"), eval_videos, seed=1, kinds=kinds, **video)
+    with open(os.path.join(out_dir, "videos_eval", "questions.json")) as f:
+        questions = [q for q in json.load(f) if q["form"] in forms]
+    eval_questions = os.path.join(out_dir, "eval_questions.json")
+    with open(eval_questions, "w") as f:
+        json.dump(questions, f, indent=1)
+    return train_ann, eval_questions, len(questions)

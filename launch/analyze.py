@@ -8,10 +8,7 @@ Writes `summary.json`, `gates.png` and `sinks.png` into --out (see `nsa_jax/anal
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
-import numpy as np
 from absl import app, flags
 
 flags.DEFINE_string("model", None, "HF or Orbax checkpoint directory.")
@@ -33,36 +30,21 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    from nsa_jax import from_pretrained, get_rope_index
-    from nsa_jax.analysis import analyze, plot
-    from nsa_jax.chat import encode_chat
     from data.video_inputs import read_video_inputs
+    from nsa_jax import from_pretrained
+    from nsa_jax.analysis import analyze_video, save
     from nsa_jax.inputs import eval_tokenizer
-    from nsa_jax.model import VisionInput
     from nsa_jax.presets import get_preset
-    from nsa_jax.vision import vision_layout
 
     model = from_pretrained(FLAGS.model)
-    cfg = model.config
-    tokenizer = eval_tokenizer(FLAGS.model, cfg, FLAGS.tokenizer)
+    tokenizer = eval_tokenizer(FLAGS.model, model.config, FLAGS.tokenizer)
     preset = get_preset(FLAGS.preset, fps=FLAGS.fps, max_frames=FLAGS.max_frames, min_pixels=FLAGS.min_pixels,
                         max_pixels=FLAGS.max_pixels)
-    vision = read_video_inputs(FLAGS.video, preset)
-    grid = vision.video_grid_thw
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": FLAGS.question}]}]
-    ids, _ = encode_chat(tokenizer, messages, video_grid_thw=grid, add_generation_prompt=True)
-    ids = np.asarray(ids)[None]
-    pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=vision.second_per_grid_ts)
-    videos = VisionInput(np.asarray(vision.pixel_values_videos), vision_layout(grid, cfg.vision))
-    summary = analyze(model, ids, pos, videos, epsilon=FLAGS.epsilon)
-    summary.update(video=FLAGS.video, model=FLAGS.model, grid_thw=np.asarray(grid)[0].tolist(),
-                   preset=dataclasses.asdict(preset))
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    paths = plot(summary, FLAGS.out)
-    print(f"{summary['vision_tokens']} vision tokens of {summary['tokens']}; wrote "
-          f"{os.path.join(FLAGS.out, 'summary.json')}, {', '.join(paths)}")
+    summary = analyze_video(model, tokenizer, read_video_inputs(FLAGS.video, preset), FLAGS.question,
+                            epsilon=FLAGS.epsilon)
+    summary.update(video=FLAGS.video, model=FLAGS.model, preset=dataclasses.asdict(preset))
+    paths = save(summary, FLAGS.out)
+    print(f"{summary['vision_tokens']} vision tokens of {summary['tokens']}; wrote {', '.join(paths)}")
 
 
 if __name__ == "__main__":

@@ -5,21 +5,15 @@
 
 A 7B-shaped model (the Qwen2.5-VL-7B config; random weights in --dtype, shared by the modes) answers one prompt:
 a system / user text, one video of `grid` (t, 26, 42) patches (273 merged tokens per frame pair, as the
-paper's eval frames give) and a question. Per mode, `nsa_jax.generate.Decoder` runs what `generate` runs:
-the prefill (vision tower + language model over the prompt into the KV cache; the first call compiles, the
-next `--prefill_iters` are timed) and `--decode_tokens` greedy decode steps (timed after one compiled step,
-the host reading each token as `generate` does). The vision tower alone is timed once, so the language
-model's share of the prefill is the difference. CPU smoke run: `--preset=tiny --video_tokens=64`.
+paper's eval frames give) and a question; `nsa_jax/benchmark.py` says what is timed (the prefill after the
+compiling call, `--prefill_iters` times; `--decode_tokens` greedy decode steps; the vision tower alone).
+CPU smoke run: `--preset=tiny --video_tokens=64`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 flags.DEFINE_enum("preset", "qwen25vl_7b", ["qwen25vl_7b", "tiny"], "Model shapes.")
@@ -32,132 +26,16 @@ flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 FLAGS = flags.FLAGS
 
 
-def _config(mode: str):
-    from nsa_jax.config import NSAConfig, model_preset
-
-    small = {} if FLAGS.preset == "qwen25vl_7b" else dict(block_size=8, block_count=2, window_size=16)
-    return model_preset(FLAGS.preset, NSAConfig(mode=mode, **small))
-
-
-def _grid(cfg) -> np.ndarray:
-    """A video grid (t, h, w) in patches with at least --video_tokens merged tokens."""
-    h, w = (26, 42) if FLAGS.preset == "qwen25vl_7b" else (4, 8)
-    per_t = h * w // cfg.vision.spatial_merge_size ** 2
-    return np.array([[-(-FLAGS.video_tokens // per_t), h, w]])
-
-
-def _random_params(abstract, dtype) -> dict:
-    """Every parameter of the abstract model: norm scales 1, everything else normal(0.02)."""
-    from flax import nnx
-
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    key = jax.random.key(0)
-    out = {}
-    for i, (path, leaf) in enumerate(flat):
-        shape = (leaf.get_value() if hasattr(leaf, "get_value") else leaf.value).shape
-        norm = any("norm" in str(p) or str(p) == "ln_q" for p in path)
-        out[path] = jnp.ones(shape, dtype) if norm else (
-            0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
-    return out
-
-
-def _model(mode: str, params: dict, dtype):
-    """The model of `mode` holding the shared parameters (dense layers simply have no gates)."""
-    from flax import nnx
-
-    from nsa_jax.model import abstract_model
-
-    abstract = abstract_model(_config(mode), dtype=dtype, param_dtype=dtype)
-    graphdef, state = nnx.split(abstract)
-    flat = [(path, leaf.replace(params[path])) for path, leaf in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _prompt(cfg, grid: np.ndarray):
-    from nsa_jax.generate import VisionPrompt
-
-    n = int(grid.prod()) // cfg.vision.spatial_merge_size ** 2
-    text = lambda k, seed: list(np.random.default_rng(seed).integers(0, 256, k))
-    ids = text(20, 0) + [cfg.vision_start_token_id] + [cfg.video_token_id] * n + [cfg.vision_end_token_id] + \
-        text(40, 1)
-    pixels = np.random.default_rng(2).standard_normal((int(grid.prod()), cfg.vision.patch_dim)).astype(np.float32)
-    return np.asarray(ids, np.int32), VisionPrompt(pixels, grid, [2.0])
-
-
-def _timed(fn, iters: int) -> tuple[float, float, object]:
-    """(first call's seconds, best of `iters` later calls, the last result); results are waited for."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(iters):
-        del out
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return first, best, out
-
-
-def bench_mode(mode: str, params: dict, dtype, grid: np.ndarray) -> dict:
-    from nsa_jax.generate import Decoder
-
-    model = _model(mode, params, dtype)
-    ids, vision = _prompt(model.config, grid)
-    decoder = Decoder(model)
-    compile_s, prefill_s, (logits, cache, next_ids) = _timed(
-        lambda: decoder.prefill([(ids, vision)], 2 * FLAGS.decode_tokens + 1), FLAGS.prefill_iters)
-    token = jnp.argmax(logits, -1).astype(jnp.int32)
-    logits, cache = decoder.step(token, next_ids, cache)  # compiles
-    np.asarray(logits)
-    t0 = time.perf_counter()
-    for step in range(1, FLAGS.decode_tokens + 1):
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
-        np.asarray(token)  # the host reads each token, as `generate` does
-        logits, cache = decoder.step(token, next_ids + step, cache)
-    jax.block_until_ready(logits)
-    decode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()  # the same steps with no host read in between: the device's time per step
-    for step in range(FLAGS.decode_tokens + 1, 2 * FLAGS.decode_tokens + 1):
-        logits, cache = decoder.step(jnp.argmax(logits, -1).astype(jnp.int32), next_ids + step, cache)
-    jax.block_until_ready(logits)
-    device_step_ms = (time.perf_counter() - t0) / FLAGS.decode_tokens * 1e3
-    row = {"mode": mode, "prompt_tokens": int(len(ids)),
-           "video_tokens": int(np.sum(ids == model.config.video_token_id)),
-           "cache_slots": int(cache.valid.shape[1]), "prefill_first_call_s": compile_s, "prefill_s": prefill_s,
-           "decode_tokens": FLAGS.decode_tokens, "decode_s": decode_s,
-           "decode_tokens_per_s": FLAGS.decode_tokens / decode_s, "decode_step_no_host_read_ms": device_step_ms}
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-    print(json.dumps(row), flush=True)
-    return row
-
-
 def main(argv) -> None:
     del argv
-    from flax import nnx
+    from nsa_jax.benchmark import bench_generation
 
-    from nsa_jax.model import VisionInput, abstract_model
-    from nsa_jax.vision import vision_layout
-
-    dtype = jnp.dtype(FLAGS.dtype)
-    gated = next(m for m in FLAGS.modes if m != "dense") if set(FLAGS.modes) - {"dense"} else "dense"
-    cfg = _config(gated)
-    grid = _grid(cfg)
-    params = _random_params(abstract_model(cfg, dtype=dtype, param_dtype=dtype), dtype)
-    model = _model(gated, params, dtype)
-    _, vision = _prompt(cfg, grid)
-    videos = VisionInput(jnp.asarray(vision.pixel_values_videos), vision_layout(grid, cfg.vision))
-    graphdef, state = nnx.split(model.visual)
-    tower = jax.jit(lambda state, v: nnx.merge(graphdef, state)(v.pixel_values, v.layout))
-    _, vision_s, _ = _timed(lambda: tower(state, videos), FLAGS.prefill_iters)
-    del model
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": FLAGS.preset,
-              "dtype": FLAGS.dtype, "grid": grid[0].tolist(), "vision_pixel_rows": int(grid.prod()),
-              "vision_tower_s": vision_s, "rows": []}
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
-    for mode in FLAGS.modes:
-        result["rows"].append(bench_mode(mode, params, dtype, grid))
+    for result in bench_generation(FLAGS.preset, FLAGS.video_tokens, FLAGS.modes, decode_tokens=FLAGS.decode_tokens,
+                                   prefill_iters=FLAGS.prefill_iters, dtype=FLAGS.dtype):
+        if not result["rows"]:
+            print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+            continue
+        print(json.dumps(result["rows"][-1]), flush=True)
         if FLAGS.out:  # after each mode, so a run cut short keeps what it measured
             with open(FLAGS.out, "w") as f:
                 json.dump(result, f, indent=1)

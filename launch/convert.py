@@ -12,7 +12,6 @@ written into `<dst>.partial` and renamed to `--dst` when complete; a `.partial` 
 from __future__ import annotations
 
 import os
-import shutil
 
 from absl import app, flags, logging
 
@@ -26,34 +25,11 @@ flags.mark_flags_as_required(["direction", "src", "dst"])
 FLAGS = flags.FLAGS
 
 
-def staging_dir(dst: str) -> str:
-    """Where a conversion into `dst` is written before it is renamed to `dst`."""
-    return os.path.normpath(dst) + ".partial"
-
-
-def convert(direction: str, src: str, dst: str, dtype) -> None:
-    """Converts `src` into `staging_dir(dst)`, then renames it to `dst` (an empty or absent directory)."""
-    from nsa_jax import conversion
-
-    staging = staging_dir(dst)
-    if os.path.exists(staging):
-        logging.warning("removing %s, left by an interrupted conversion", staging)
-        shutil.rmtree(staging)
-    if direction == "hf_to_orbax":
-        conversion.save_orbax(conversion.load_hf(src, dtype=dtype), staging)
-    elif conversion.training_step_dir(src) is not None:
-        conversion.save_hf(conversion.load_training(src), staging, dtype=dtype)
-        tokenizer = conversion.training_tokenizer(src)
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(staging, conversion.TOKENIZER))
-    else:
-        conversion.save_hf(conversion.load_orbax(src), staging, dtype=dtype)
-    os.replace(staging, dst)
-
-
 def main(argv) -> None:
     del argv
     import jax.numpy as jnp
+
+    from nsa_jax.conversion import convert
 
     if os.path.exists(FLAGS.dst) and os.listdir(FLAGS.dst):
         raise app.UsageError(f"--dst={FLAGS.dst} exists and is not empty; refusing to overwrite it")

@@ -45,23 +45,17 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def _eval(model_dir: str, questions: str, video_root: str, out: str) -> dict:
+def _eval(model_dir: str, questions: str, video_root: str, out: str) -> dict[str, float]:
+    """`launch.eval` of the model on the questions; its accuracy per question kind and form."""
+    from data.tasks.generic import accuracy_by_kind_and_form
+
     cmd = [sys.executable, "-m", "launch.eval", f"--model={model_dir}", f"--questions={questions}",
            f"--video_root={video_root}", f"--out={out}", "--preset=videonsa_train", f"--fps={FPS}", "--min_frames=4",
            f"--max_frames={MAX_FRAMES}",
            f"--min_pixels={MIN_PIXELS}", f"--max_pixels={MAX_PIXELS}", "--max_new_tokens=12", "--verbosity=-1"]
     subprocess.run(cmd, check=True)
     with open(out) as f:
-        return json.load(f)
-
-
-def _accuracy(results: dict) -> dict[str, float]:
-    """Accuracy per (kind, form) over the records."""
-    groups: dict[str, list[bool]] = {}
-    for r in results["records"]:
-        form = "mc" if r["options"] else "open"
-        groups.setdefault(f"{r['kind']}/{form}", []).append(bool(r["correct"]))
-    return {k: round(float(np.mean(v)), 3) for k, v in sorted(groups.items())}
+        return accuracy_by_kind_and_form(json.load(f)["records"])
 
 
 def main(argv) -> None:
@@ -72,7 +66,7 @@ def main(argv) -> None:
     from data.decode import DecodeSettings
     from data.pipeline import training_batches
     from data.predecode import predecode
-    from data.synthetic import generate
+    from data.synthetic import train_and_eval_sets
     from nsa_jax import conversion, from_pretrained, init_model
     from nsa_jax.training.loop import train
     from nsa_jax.config import NSAConfig, model_preset
@@ -86,17 +80,10 @@ def main(argv) -> None:
     kinds, forms = FLAGS.kinds.split(","), set(FLAGS.forms.split(","))
     if not forms or forms - {"open", "mc"}:
         raise SystemExit(f"--forms={FLAGS.forms}: expected open, mc or open,mc")
-    open_fraction = 1.0 if forms == {"open"} else 0.0 if forms == {"mc"} else 0.5
     # Training: one single-question sample per video and kind (seed 0); held-out: other videos (seed 1).
-    train_ann = generate(os.path.join(work, "videos_train"), FLAGS.train_videos, seed=0, kinds=kinds,
-                         open_fraction=open_fraction, one_question_per_entry=True, **VIDEO)
-    generate(os.path.join(work, "videos_eval"), FLAGS.eval_videos, seed=1, kinds=kinds, **VIDEO)
-    with open(os.path.join(work, "videos_eval", "questions.json")) as f:
-        questions = [q for q in json.load(f) if q["form"] in forms]
-    eval_questions = os.path.join(work, "eval_questions.json")
-    with open(eval_questions, "w") as f:
-        json.dump(questions, f, indent=1)
-    print(f"{FLAGS.train_videos} training videos, {len(questions)} eval questions ({time.perf_counter() - t:.0f} s)")
+    train_ann, eval_questions, num_questions = train_and_eval_sets(work, FLAGS.train_videos, FLAGS.eval_videos,
+                                                                   kinds=kinds, forms=forms, **VIDEO)
+    print(f"{FLAGS.train_videos} training videos, {num_questions} eval questions ({time.perf_counter() - t:.0f} s)")
 
     t = _step("2/6 predecode into ArrayRecord shards")
     records = os.path.join(work, "records")
@@ -138,9 +125,9 @@ def main(argv) -> None:
 
     t = _step("5/6 QA eval on held-out videos: untrained model")
     video_root = os.path.join(work, "videos_eval")
-    before = _accuracy(_eval(untrained_dir, eval_questions, video_root, os.path.join(work, "eval_untrained.json")))
+    before = _eval(untrained_dir, eval_questions, video_root, os.path.join(work, "eval_untrained.json"))
     t = _step("6/6 QA eval on held-out videos: trained model")
-    after = _accuracy(_eval(hf_dir, eval_questions, video_root, os.path.join(work, "eval_trained.json")))
+    after = _eval(hf_dir, eval_questions, video_root, os.path.join(work, "eval_trained.json"))
 
     chance = {"colour/open": 1 / 6, "what/open": 1 / 5, "when/open": 1 / 3, "count/open": 1 / 4}
     print("\naccuracy by question kind/form (untrained -> trained; chance: 0.25 for multiple choice)")

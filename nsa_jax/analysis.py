@@ -11,14 +11,19 @@ ratio is the share of its keys (or compressed blocks) that are sinks, reported w
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsa_jax.chat import encode_chat
 from nsa_jax.model import Qwen25VL, VisionInput
+from nsa_jax.processing import get_rope_index
 from nsa_jax.videonsa import NSAAttention, kernel_variant, nsa_rows
+from nsa_jax.vision import vision_layout
 from pallas_kernels import reference as ref
 from pallas_kernels.layout import head_layout
 
@@ -109,6 +114,31 @@ def analyze(model: Qwen25VL, input_ids: np.ndarray, position_ids: np.ndarray, vi
         layers.append(entry)
     return {"mode": cfg.nsa.mode, "tokens": int(ids.shape[1]), "vision_tokens": int(len(rows)),
             "epsilon": epsilon, "layers": layers}
+
+
+def analyze_video(model: Qwen25VL, tokenizer, video, question: str, epsilon: float = 0.1) -> dict[str, Any]:
+    """`analyze` on one video and a question about it: the chat template with the video before the question
+    and a generation prompt. `video` holds the processor's `pixel_values_videos`, `video_grid_thw` and
+    `second_per_grid_ts` (a `nsa_jax.generate.VisionPrompt`, or `data.video_inputs.VideoInputs`)."""
+    cfg = model.config
+    grid = video.video_grid_thw
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    ids, _ = encode_chat(tokenizer, messages, video_grid_thw=grid, add_generation_prompt=True)
+    ids = np.asarray(ids)[None]
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=grid, second_per_grid_ts=video.second_per_grid_ts)
+    videos = VisionInput(np.asarray(video.pixel_values_videos), vision_layout(grid, cfg.vision))
+    summary = analyze(model, ids, pos, videos, epsilon=epsilon)
+    summary["grid_thw"] = np.asarray(grid)[0].tolist()
+    return summary
+
+
+def save(summary: dict[str, Any], out_dir: str) -> list[str]:
+    """Writes `summary.json` and the plots (`plot`) into `out_dir`; their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    return [path, *plot(summary, out_dir)]
 
 
 def plot(summary: dict[str, Any], out_dir: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ CHECKPOINTS_DIR = "checkpoints"  # a training workdir's: <workdir>/checkpoints/<
 STATE_ITEM = "state"
 TOKENIZER = "tokenizer.json"
 SHARD_BYTES = 4 << 30
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -429,3 +431,30 @@ def from_pretrained(path: str, *, dtype=None, compute_dtype=None, nsa=None) -> Q
     if training_step_dir(path) is not None:
         return load_training(path, dtype=dtype, compute_dtype=compute_dtype, nsa=nsa)
     return load_hf(path, dtype=dtype, compute_dtype=compute_dtype, nsa=nsa)
+
+
+def staging_dir(dst: str) -> str:
+    """Where a conversion into `dst` is written before it is renamed to `dst`."""
+    return os.path.normpath(dst) + ".partial"
+
+
+def convert(direction: str, src: str, dst: str, dtype) -> None:
+    """Converts `src` into `staging_dir(dst)`, then renames it to `dst` (an empty or absent directory).
+
+    direction "hf_to_orbax": an HF directory into an Orbax one; "orbax_to_hf": an Orbax directory, a training
+    workdir (its latest step, with the run's tokenizer.json if it had one) or one of its step directories into
+    an HF one. dtype None keeps the stored dtypes. A staging directory left by an interrupted run is removed."""
+    staging = staging_dir(dst)
+    if os.path.exists(staging):
+        log.warning("removing %s, left by an interrupted conversion", staging)
+        shutil.rmtree(staging)
+    if direction == "hf_to_orbax":
+        save_orbax(load_hf(src, dtype=dtype), staging)
+    elif training_step_dir(src) is not None:
+        save_hf(load_training(src), staging, dtype=dtype)
+        tokenizer = training_tokenizer(src)
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(staging, TOKENIZER))
+    else:
+        save_hf(load_orbax(src), staging, dtype=dtype)
+    os.replace(staging, dst)

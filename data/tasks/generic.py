@@ -155,6 +155,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "score": overall["accuracy"], "metric": "accuracy", "categories": by_kind}
 
 
+def accuracy_by_kind_and_form(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy per "<kind>/<form>" (form "mc" or "open") over scored records, rounded to 3 digits, by key."""
+    groups: dict[str, list[bool]] = {}
+    for r in records:
+        form = "mc" if r["options"] else "open"
+        groups.setdefault(f"{r['kind']}/{form}", []).append(bool(r["correct"]))
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(groups.items())}
+
+
 def load(path: str) -> list[Item]:
     """Items of a question file (the video paths stay relative to --video_root)."""
     return [Item(q.id, q.video, prompt_text(q), q) for q in load_questions(path)]

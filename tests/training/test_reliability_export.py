@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
-from launch import convert as convert_cli
 from nsa_jax import CheckpointError, conversion, from_pretrained
 from nsa_jax.sharding import dotted_path
 
@@ -83,9 +82,9 @@ def test_export_after_a_full_disk(workdir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(conversion, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        convert_cli.convert("orbax_to_hf", str(workdir), str(dst), None)
+        conversion.convert("orbax_to_hf", str(workdir), str(dst), None)
     monkeypatch.undo()
-    staging = convert_cli.staging_dir(str(dst))
+    staging = conversion.staging_dir(str(dst))
     assert os.listdir(staging) and not dst.exists()  # the interrupted run's leftovers
 
     out = subprocess.run([sys.executable, "-m", "launch.convert", "--direction=orbax_to_hf", f"--src={workdir}",
