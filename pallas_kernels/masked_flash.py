@@ -3,9 +3,10 @@ window branch (keys = tokens). Forward, dq and dk/dv Pallas kernels under one `j
 
 Rows are *virtual heads* v (`layout.py`): query head v % HQ reading KV head v // Gv, so mode "videonsa" runs
 its two copies of each head without a padded tensor. Shapes inside: q [B, Tp, HQ, D], keys [B, N, HKV, D],
-segment bounds lo / hi [B, Tp] (a token sees positions lo <= j < hi), outputs o [B, Tp, Hv, D] and natural-log
-lse [B, Hv, Tp] (-inf for a row that sees nothing; its o is 0). Tp is a multiple of the query tile, N of the
-key tile (the caller pads).
+segment bounds lo / hi [B, Tp] (a token sees positions lo <= j < hi), query positions pos [B, Tp] (consecutive
+in each batch row, pos[b, 0] + r: a chunk of the keys' sequence, `chunks.py`), outputs o [B, Tp, Hv, D] and
+natural-log lse [B, Hv, Tp] (-inf for a row that sees nothing; its o is 0). Tp is a multiple of the query tile,
+N of the key tile (the caller pads).
 """
 
 from __future__ import annotations
@@ -101,21 +102,24 @@ def _key_loop(cfg: MaskedFlashConfig, body, carry, q0, lo_ref, hi_ref, nk: int):
     return jax.lax.fori_loop(b, last, functools.partial(body, masked=True), carry)
 
 
-def _query_tiles(cfg: MaskedFlashConfig, k0, num_q_tiles: int):
-    """Query tiles [first, last) that can see a key of the tile starting at key index k0."""
+def _query_tiles(cfg: MaskedFlashConfig, k0, num_q_tiles: int, offset):
+    """Query tiles [first, last) that can see a key of the tile starting at key index k0; query row r sits at
+    position offset + r."""
     bq, bk, bs = cfg.block_q, cfg.block_k, cfg.block_size
+    # positions [start, end) of the queries that can see the tile
     if cfg.kind == "window":
-        first, last = k0 // bq, ceil_div(k0 + bk + cfg.window - 1, bq)
+        start, end = k0, k0 + bk + cfg.window - 1
     elif cfg.kind == "cmp_causal":
-        first, last = ((k0 + 1) * bs - 1) // bq, num_q_tiles
+        start, end = (k0 + 1) * bs - 1, offset + num_q_tiles * bq
     else:
-        first, last = 0, ceil_div((k0 + bk) * bs, bq)
-    return first, jnp.minimum(last, num_q_tiles)
+        start, end = offset, (k0 + bk) * bs
+    first = jnp.clip((start - offset) // bq, 0, num_q_tiles)
+    return first, jnp.clip(ceil_div(end - offset, bq), first, num_q_tiles)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, cfg: MaskedFlashConfig, nk: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, pos_ref, o_ref, lse_ref, *, cfg: MaskedFlashConfig, nk: int):
     bq, bk = cfg.block_q, cfg.block_k
-    q0 = pl.program_id(2) * bq
+    q0 = pos_ref[0]
     q = q_ref[...]
     rows = q0 + jnp.arange(bq)[:, None]
     lo, hi = lo_ref[...][:, None], hi_ref[...][:, None]
@@ -140,10 +144,10 @@ def _probs(cfg, q, k, rows, cols, lo, hi, lse, masked: bool = True):
     return probs_from_lse(s, lse)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, pos_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                cfg: MaskedFlashConfig, nk: int):
     bq, bk = cfg.block_q, cfg.block_k
-    q0 = pl.program_id(2) * bq
+    q0 = pos_ref[0]
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     rows = q0 + jnp.arange(bq)[:, None]
@@ -160,13 +164,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, 
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, pos_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 cfg: MaskedFlashConfig, nq: int, n_split: int):
     bq, bk = cfg.block_q, cfg.block_k
     kv, k0, split = pl.program_id(1), pl.program_id(2) * bk, pl.program_id(3)
     k, v = k_ref[...], v_ref[...]
     cols = k0 + jnp.arange(bk)[None, :]
-    first_q, last_q = _query_tiles(cfg, k0, nq)
+    offset = pos_ref[0]
+    first_q, last_q = _query_tiles(cfg, k0, nq, offset)
     per_split = ceil_div(last_q - first_q, n_split)  # this program's share of the query tiles
     first_q = first_q + split * per_split
     last_q = jnp.minimum(first_q + per_split, last_q)
@@ -181,7 +186,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref,
             sl = pl.ds(t * bq, bq)
             q, do = q_ref[sl, h, :], do_ref[sl, vr, :]
             lse, delta = lse_ref[vr, sl], delta_ref[vr, sl]
-            rows = t * bq + jnp.arange(bq)[:, None]
+            rows = offset + t * bq + jnp.arange(bq)[:, None]
             p = _probs(cfg, q, k, rows, cols, lo_ref[sl][:, None], hi_ref[sl][:, None], lse)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (dot(do, v, trans_b=True) - delta[:, None])
@@ -195,7 +200,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi):
+def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi, pos):
     b, tp, hq, d = q.shape
     n = k.shape[1]
     nq, nk, hv, g = tp // cfg.block_q, n // cfg.block_k, cfg.virtual_heads, cfg.group_size
@@ -207,16 +212,17 @@ def _forward(cfg: MaskedFlashConfig, q, k, v, lo, hi):
                   pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
                   pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
                   pl.BlockSpec((None, bq), lambda i, v_, t: (i, t)),
+                  pl.BlockSpec((None, bq), lambda i, v_, t: (i, t)),
                   pl.BlockSpec((None, bq), lambda i, v_, t: (i, t))],
         out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, hv, d), q.dtype), jax.ShapeDtypeStruct((b, hv, tp), jnp.float32)],
         name=f"nsa_{cfg.kind}_fwd",
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q, k, v, lo, hi)
+    )(q, k, v, lo, hi, pos)
 
 
-def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
+def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, pos, o, lse, do, dlse):
     b, tp, hq, d = q.shape
     n, hkv = k.shape[1], k.shape[2]
     nq, nk, hv, g = tp // cfg.block_q, n // cfg.block_k, cfg.virtual_heads, cfg.group_size
@@ -229,7 +235,7 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
         in_specs=[pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_ % hq, 0)),
                   pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
                   pl.BlockSpec((None, n, None, d), lambda i, v_, t: (i, 0, v_ // g, 0)),
-                  row, row,
+                  row, row, row,
                   pl.BlockSpec((None, bq, None, d), lambda i, v_, t: (i, t, v_, 0)),
                   pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t)),
                   pl.BlockSpec((None, None, bq), lambda i, v_, t: (i, v_, t))],
@@ -237,7 +243,7 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
         out_shape=jax.ShapeDtypeStruct((b, tp, hv, d), jnp.float32),
         name=f"nsa_{cfg.kind}_dq",
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q, k, v, lo, hi, do, lse, delta)
+    )(q, k, v, lo, hi, pos, do, lse, delta)
     # A compressed key is seen by all later queries: split that long query range over n_split programs
     # (partial dk / dv summed after) so that the grid fills the GPU. Window keys see a few query tiles.
     n_split = 1 if cfg.kind == "window" else min(nq, _DKV_QUERY_SPLITS)
@@ -247,34 +253,40 @@ def _backward(cfg: MaskedFlashConfig, q, k, v, lo, hi, o, lse, do, dlse):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, n_split=n_split),
         grid=(b, hkv, nk, n_split),
-        in_specs=[whole(tp, hq, d), key, key, whole(tp), whole(tp), whole(tp, hv, d), whole(hv, tp),
+        in_specs=[whole(tp, hq, d), key, key, whole(tp), whole(tp), whole(tp), whole(tp, hv, d), whole(hv, tp),
                   whole(hv, tp)],
         out_specs=[partial, partial],
         out_shape=[jax.ShapeDtypeStruct((n_split,) + k.shape, jnp.float32)] * 2,
         name=f"nsa_{cfg.kind}_dkv",
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q, k, v, lo, hi, do, lse, delta)
+    )(q, k, v, lo, hi, pos, do, lse, delta)
     dk, dv = dk.sum(0), dv.sum(0)
     dq = dq.reshape(b, tp, hv // hq, hq, d).sum(2)  # the copies of a query head ("videonsa": two)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def masked_flash(cfg: MaskedFlashConfig, q, k, v, lo, hi, pos=None):
+    """(o [B, Tp, Hv, D], lse [B, Hv, Tp]) of the masked attention; see the module doc for shapes (pos None:
+    the rows sit at positions 0 .. Tp - 1)."""
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+    return _masked_flash(cfg, q, k, v, lo, hi, pos)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def masked_flash(cfg: MaskedFlashConfig, q, k, v, lo, hi):
-    """(o [B, Tp, Hv, D], lse [B, Hv, Tp]) of the masked attention; see the module doc for shapes."""
-    return _forward(cfg, q, k, v, lo, hi)
+def _masked_flash(cfg: MaskedFlashConfig, q, k, v, lo, hi, pos):
+    return _forward(cfg, q, k, v, lo, hi, pos)
 
 
-def _masked_flash_fwd(cfg, q, k, v, lo, hi):
-    o, lse = _forward(cfg, q, k, v, lo, hi)
-    return (o, lse), (q, k, v, lo, hi, o, lse)
+def _masked_flash_fwd(cfg, q, k, v, lo, hi, pos):
+    o, lse = _forward(cfg, q, k, v, lo, hi, pos)
+    return (o, lse), (q, k, v, lo, hi, pos, o, lse)
 
 
 def _masked_flash_bwd(cfg, res, cts):
-    q, k, v, lo, hi, o, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(cfg, q, k, v, lo, hi, o, lse, do, dlse)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _backward(cfg, *res, do, dlse)
+    return dq, dk, dv, None, None, None
 
 
-masked_flash.defvjp(_masked_flash_fwd, _masked_flash_bwd)
+_masked_flash.defvjp(_masked_flash_fwd, _masked_flash_bwd)

@@ -97,13 +97,14 @@ def _unchunk(x, tp: int):
     return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :tp]
 
 
-def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offsets_ref, base_ref, k, tile_fn,
-               init):
+def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k,
+               tile_fn, init):
     """Folds tile_fn over the chunk's tokens that chose this program's KV block, `tile_rows` gathered rows
     at a time (the real rows of tile_rows // group_rows tokens). tile_fn(carry, q, rows, ok, out, s) gets
     the gathered q, their row numbers, which are real (rows past the last token repeat it), the partial
     rows to write ((token * HKV + head) * S + slot) * group_rows + g (trash rows where not ok) and the
-    causally masked scores s [tile_rows, bs]. ids: the program's (KV head, KV block)."""
+    causally masked scores s [tile_rows, bs] (a token sees the keys up to its position pos_ref[token]). ids: the
+    program's (KV head, KV block)."""
     h, blk = ids
     first, last, base = offsets_ref[blk], offsets_ref[blk + 1], base_ref[0]
     cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
@@ -119,7 +120,7 @@ def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offse
         rows = ((base + local) * sh.hkv + h) * sh.padded_rows + g
         out = jnp.where(ok, ((local * sh.hkv + h) * sh.n_sel + slot) * sh.group_rows + g, sh.partial_rows + r)
         q = q_ref[rows, :]
-        s = jnp.where(cols <= (base + local)[:, None], dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
+        s = jnp.where(cols <= pos_ref[base + local][:, None], dot(q, k, trans_b=True) * cfg.scale, -jnp.inf)
         return tile_fn(carry, q, rows, ok, out, s)
 
     return jax.lax.fori_loop(0, ceil_div(last - first, per_step), body, init)
@@ -132,7 +133,7 @@ def _program(offsets_ref):
     return (h, blk), offsets_ref[blk + 1] > offsets_ref[blk]
 
 
-def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, o_ref, lse_ref, *,
+def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, pos_ref, o_ref, lse_ref, *,
                        cfg: SelectionConfig, sh: _Shapes):
     """Partial output and log-sum-exp of each (token, slot) of a chunk that chose this KV block."""
 
@@ -152,11 +153,11 @@ def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
             lse_ref[out] = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
             return carry
 
-        _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k_ref[...], tile, 0)
+        _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k_ref[...], tile, 0)
 
 
-def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, do_ref, lse_ref, delta_ref,
-                       dk_in_ref, dv_in_ref, dk_ref, dv_ref, ds_ref, *, cfg: SelectionConfig, sh: _Shapes):
+def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, pos_ref, do_ref, lse_ref,
+                       delta_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, ds_ref, *, cfg: SelectionConfig, sh: _Shapes):
     """Adds this KV block's dk, dv from a chunk's tokens that chose it to dk_in / dv_in (aliased to dk / dv:
     untouched when none chose it), and writes each (token, slot)'s ds [group_rows, bs] (in q's dtype, as it
     enters the dq product) for `_dq_kernel`."""
@@ -176,7 +177,8 @@ def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
             return dk + dot(ds, q, trans_a=True), dv
 
         zeros = jnp.zeros(k.shape, jnp.float32)
-        dk, dv = _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, k, tile, (zeros, zeros))
+        dk, dv = _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k, tile,
+                            (zeros, zeros))
         dk_ref[...] = dk_in_ref[...] + dk * cfg.scale
         dv_ref[...] = dv_in_ref[...] + dv
 
@@ -199,10 +201,11 @@ def _dq_kernel(ds_ref, k_ref, idx_ref, dq_ref, *, cfg: SelectionConfig, sh: _Sha
     dq_ref[...] = dq * cfg.scale
 
 
-def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, chunk_index, extra_in,
+def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, chunk_index, extra_in,
                 out_kinds, aliases=None):
     """pallas_call of a block-centric kernel over grid (B, HKV, NB) for one chunk: inputs q_flat, k, v, the
-    chunk's inverted index and first token (entries, offsets, base), then `extra_in` as (array, kind);
+    chunk's inverted index and first token (entries, offsets, base), the tokens' positions pos [B, Tp], then
+    `extra_in` as (array, kind);
     outputs of `out_kinds`, each (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch),
     "block" (this KV block), "partial" / "partial_scalars" / "partial_keys" (the chunk's partial rows by D,
     by 1 or by bs, then trash rows)."""
@@ -222,7 +225,8 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
     in_specs = [specs["rows"][1], specs["block"][1], specs["block"][1],
                 pl.BlockSpec((None, None, sh.chunk * sh.n_sel), lambda i, h, j: (i, h, 0)),
                 pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)),
-                pl.BlockSpec((1,), lambda i, h, j: (0,))] + [specs[kind][1] for _, kind in extra_in]
+                pl.BlockSpec((1,), lambda i, h, j: (0,)),
+                pl.BlockSpec((None, pos.shape[1]), lambda i, h, j: (i, 0))] + [specs[kind][1] for _, kind in extra_in]
     out_shape = [jax.ShapeDtypeStruct(k.shape if kind == "block" else (b, *specs[kind][0]), dtype)
                  for kind, dtype in out_kinds]
     return pl.pallas_call(
@@ -234,7 +238,7 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
         input_output_aliases=aliases or {},
         name=name,
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q_flat, k, v, entries, offsets, base[None], *(x for x, _ in extra_in))
+    )(q_flat, k, v, entries, offsets, base[None], pos, *(x for x, _ in extra_in))
 
 
 def _partials(sh: _Shapes, idx, x):
@@ -250,11 +254,11 @@ def _pad_rows(sh: _Shapes, x, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, idx, chunk_index):
+def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, idx, chunk_index):
     """(o [B, C, HKV, GR, D], lse [B, C, HKV, GR]) of one chunk: block-centric partials merged by log-sum-exp
     over the slots. idx [B, C, HKV, S]: the chunk's chosen blocks. Partials of empty slots were never
     written: masked before any arithmetic."""
-    o_p, lse_p = _block_call(_fwd_blocks_kernel, "nsa_selection_fwd", cfg, sh, q_flat, k, v, chunk_index, [],
+    o_p, lse_p = _block_call(_fwd_blocks_kernel, "nsa_selection_fwd", cfg, sh, q_flat, k, v, pos, chunk_index, [],
                              [("partial", q_flat.dtype), ("partial_scalars", jnp.float32)])
     lse_p = jnp.where((idx >= 0)[..., None], _partials(sh, idx, lse_p), -jnp.inf)
     m = lse_p.max(axis=3, keepdims=True)
@@ -267,13 +271,13 @@ def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, idx, chunk_index
     return _pad_rows(sh, o.astype(q_flat.dtype)), _pad_rows(sh, lse, -jnp.inf)
 
 
-def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, do_flat, lse_flat, delta_flat, chunk_index,
+def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, do_flat, lse_flat, delta_flat, chunk_index,
                dk, dv):
     """(dk, dv) float32 plus this chunk's parts, and the chunk's ds partial rows."""
     extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars"), (dk, "block"),
              (dv, "block")]
-    return _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, chunk_index, extra,
-                       [("block", jnp.float32)] * 2 + [("partial_keys", q_flat.dtype)], aliases={9: 0, 10: 1})
+    return _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, pos, chunk_index, extra,
+                       [("block", jnp.float32)] * 2 + [("partial_keys", q_flat.dtype)], aliases={10: 0, 11: 1})
 
 
 def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
@@ -293,18 +297,18 @@ def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
     )(ds, k, idx)
 
 
-def _forward(cfg: SelectionConfig, q_rows, k, v, idx):
+def _forward(cfg: SelectionConfig, q_rows, k, v, idx, pos):
     """(o_rows, lse, the chunked idx with the chunks' inverted indexes, which the backward reuses)."""
     b, tp, hkv, gr, d = q_rows.shape
     sh = _shapes(cfg, q_rows, idx.shape[-1])
     index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
     q_flat = q_rows.reshape(b, tp * hkv * gr, d)
-    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, a[0], a[1:]), index)
+    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, pos, a[0], a[1:]), index)
     return _unchunk(o, tp), _unchunk(lse, tp), index
 
 
 def _backward(cfg: SelectionConfig, res, do, dlse):
-    q_rows, k, v, o, lse, index = res
+    q_rows, k, v, pos, o, lse, index = res
     b, tp, hkv, gr, d = q_rows.shape
     sh = _shapes(cfg, q_rows, index[0].shape[-1])
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
@@ -312,7 +316,7 @@ def _backward(cfg: SelectionConfig, res, do, dlse):
 
     def chunk(carry, chunk):
         idx, *chunk_index = chunk
-        dk, dv, ds = _dkv_chunk(cfg, sh, flat(q_rows), k, v, flat(do), flat(lse), flat(delta), chunk_index,
+        dk, dv, ds = _dkv_chunk(cfg, sh, flat(q_rows), k, v, pos, flat(do), flat(lse), flat(delta), chunk_index,
                                 *carry)
         return (dk, dv), _dq_chunk(cfg, sh, ds, k, idx)
 
@@ -321,24 +325,34 @@ def _backward(cfg: SelectionConfig, res, do, dlse):
     return _unchunk(dq, tp).astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx):
+def _positions(q_rows, pos):
+    return jnp.broadcast_to(jnp.arange(q_rows.shape[1], dtype=jnp.int32), q_rows.shape[:2]) if pos is None else pos
+
+
+def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx, pos=None):
     """(o_rows [B, Tp, HKV, GR, D], lse [B, Tp, HKV, GR]). k, v [B, NB * bs, HKV, D]; idx [B, Tp, HKV, S]
-    int32 chosen blocks (-1 = empty); a row attends keys j <= its token in its chosen blocks."""
-    return _forward(cfg, q_rows, k, v, idx)[:2]
+    int32 chosen blocks (-1 = empty); a row attends keys j <= its token's position in its chosen blocks. pos
+    [B, Tp] int32: the tokens' positions in the keys' sequence (None: 0 .. Tp - 1)."""
+    return _selection(cfg, q_rows, k, v, idx, _positions(q_rows, pos))
 
 
-def _selection_fwd(cfg, q_rows, k, v, idx):
-    o, lse, index = _forward(cfg, q_rows, k, v, idx)
-    return (o, lse), (q_rows, k, v, o, lse, index)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _selection(cfg: SelectionConfig, q_rows, k, v, idx, pos):
+    return _forward(cfg, q_rows, k, v, idx, pos)[:2]
+
+
+def _selection_fwd(cfg, q_rows, k, v, idx, pos=None):
+    pos = _positions(q_rows, pos)
+    o, lse, index = _forward(cfg, q_rows, k, v, idx, pos)
+    return (o, lse), (q_rows, k, v, pos, o, lse, index)
 
 
 def _selection_bwd(cfg, res, cts):
     dq, dk, dv = _backward(cfg, res, *cts)
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
-selection_attention.defvjp(_selection_fwd, _selection_bwd)
+_selection.defvjp(_selection_fwd, _selection_bwd)
 
 
 def selection_stages(cfg: SelectionConfig, q_rows, k, v, idx) -> dict[str, Callable[[], Any]]:
@@ -349,9 +363,10 @@ def selection_stages(cfg: SelectionConfig, q_rows, k, v, idx) -> dict[str, Calla
     res = jax.jit(lambda *a: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)
     sh = _shapes(cfg, q_rows, idx.shape[-1])
     index = jax.jit(lambda i: _chunked_index(sh, i, t // cfg.block_size))
-    partials = lambda ci: _block_call(_fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, ci, [],
+    pos = _positions(q_rows, None)
+    partials = lambda ci: _block_call(_fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, pos, ci, [],
                                       [("partial", q_rows.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
     index_and_fwd = jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(
         sh, i, t // cfg.block_size)))
-    bwd = jax.jit(lambda r: _backward(cfg, r, r[3], jnp.zeros_like(r[4])))
+    bwd = jax.jit(lambda r: _backward(cfg, r, r[4], jnp.zeros_like(r[5])))
     return {"index": lambda: index(idx), "index_and_fwd_kernel": lambda: index_and_fwd(idx), "bwd": lambda: bwd(res)}

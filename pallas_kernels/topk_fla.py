@@ -55,9 +55,9 @@ def _merge(x: jax.Array, ids: jax.Array, stage: int, order) -> tuple[jax.Array, 
     return x, ids
 
 
-def _kernel(q_ref, kc_ref, lse_ref, lo_ref, out_ref, *, layout: HeadLayout, block_size: int, block_count: int,
-            scale: float, block_q: int):
-    h, q0 = pl.program_id(1), pl.program_id(2) * block_q
+def _kernel(q_ref, kc_ref, lse_ref, lo_ref, pos_ref, out_ref, *, layout: HeadLayout, block_size: int,
+            block_count: int, scale: float, block_q: int):
+    h, q0 = pl.program_id(1), pos_ref[0]
     chunk, hq, gv, hv = block_size, layout.num_q_heads, layout.group_size, layout.virtual_heads
     n_dims = bitonic_log2(chunk)
     first = lo_ref[0] // block_size  # the tile's segment start and current block (relative to it)
@@ -104,16 +104,18 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, out_ref, *, layout: HeadLayout, bloc
     out_ref[...] = jnp.where((col < block_count) & (head > 0), head - 1 + first, -1)
 
 
-def select_blocks_fla(q, k_cmp, lse, lo, *, layout: HeadLayout, block_size: int, block_count: int,
+def select_blocks_fla(q, k_cmp, lse, lo, pos=None, *, layout: HeadLayout, block_size: int, block_count: int,
                       scale: float) -> jax.Array:
     """Chosen blocks [B, Tp, HKV, W] int32 (absolute, -1 = empty; W = next_pow2(block_count), in the network's
     order), as `topk.select_blocks_chunked` chooses them.
 
     q [B, Tp, HQ, D] (Tp a multiple of block_size); k_cmp [B, NB, HKV, D] float32 block means, zero-padded to
-    at least Tp / block_size + block_size blocks; lse [B, P, Tp] the lse each padded row divides its scores by;
-    lo [B, Tp] segment starts (every segment starts on a block boundary).
+    at least (last position + 1) / block_size + block_size blocks; lse [B, P, Tp] the lse each padded row divides
+    its scores by; lo [B, Tp] segment starts (every segment starts on a block boundary); pos [B, Tp] the rows'
+    positions, pos[b, 0] + r with pos[b, 0] a multiple of block_size (None: 0 .. Tp - 1).
     """
     b, tp, hq, d = q.shape
+    pos = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp)) if pos is None else pos
     nbp, hkv = k_cmp.shape[1], k_cmp.shape[2]
     w = next_pow2(block_count)
     if w > block_size:
@@ -130,9 +132,10 @@ def select_blocks_fla(q, k_cmp, lse, lo, *, layout: HeadLayout, block_size: int,
         in_specs=[pl.BlockSpec((None, block_q, hq, d), lambda i, h, t: (i, t, 0, 0)),
                   pl.BlockSpec((None, nbp, None, d), lambda i, h, t: (i, 0, h, 0)),
                   pl.BlockSpec((None, layout.padded_heads, block_q), lambda i, h, t: (i, 0, t)),
+                  pl.BlockSpec((None, block_q), lambda i, h, t: (i, t)),
                   pl.BlockSpec((None, block_q), lambda i, h, t: (i, t))],
         out_specs=pl.BlockSpec((None, block_q, None, w), lambda i, h, t: (i, t, h, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, hkv, w), jnp.int32),
         name="nsa_topk_fla",
         **call_options(),
-    )(q, k_cmp, lse, lo)
+    )(q, k_cmp, lse, lo, pos)

@@ -46,9 +46,9 @@ def _insert_round(carry):
     return cand, cols, vals, idx, beats.astype(jnp.int32).max()
 
 
-def _kernel(q_ref, kc_ref, lse_ref, lo_ref, hi_ref, out_ref, *, layout: HeadLayout, block_size: int,
+def _kernel(q_ref, kc_ref, lse_ref, lo_ref, hi_ref, pos_ref, out_ref, *, layout: HeadLayout, block_size: int,
             block_count: int, causal: bool, scale: float, block_q: int, block_k: int, num_k_tiles: int):
-    h, q0 = pl.program_id(1), pl.program_id(2) * block_q
+    h, q0 = pl.program_id(1), pos_ref[0]
     bs, hq, gv, hv = block_size, layout.num_q_heads, layout.group_size, layout.virtual_heads
     pos = q0 + jnp.arange(block_q)
     lo, hi = lo_ref[...], hi_ref[...]
@@ -87,15 +87,17 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, hi_ref, out_ref, *, layout: HeadLayo
     out_ref[...] = jnp.where(vals > -jnp.inf, idx, -1)
 
 
-def select_blocks_fused(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size: int, block_count: int,
+def select_blocks_fused(q, k_cmp, lse, lo, hi, pos=None, *, layout: HeadLayout, block_size: int, block_count: int,
                         causal: bool, scale: float, block_q: int) -> jax.Array:
     """Chosen blocks [B, Tp, HKV, W] int32 (-1 = empty; W = next_pow2(block_count), order arbitrary).
 
     q [B, Tp, HQ, D] (Tp a multiple of block_q); k_cmp [B, NBp, HKV, D] float32 block means (zero-padded to
     a multiple of the key tile); lse [B, Hv, Tp] of the compression branch; lo, hi [B, Tp] segment bounds
-    (every segment starts on a block boundary).
+    (every segment starts on a block boundary); pos [B, Tp] the rows' positions, consecutive in each batch row
+    (None: 0 .. Tp - 1).
     """
     b, tp, hq, d = q.shape
+    pos = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp)) if pos is None else pos
     nbp, hkv = k_cmp.shape[1], k_cmp.shape[2]
     block_k = min(64, nbp)
     w = next_pow2(block_count)
@@ -109,9 +111,9 @@ def select_blocks_fused(q, k_cmp, lse, lo, hi, *, layout: HeadLayout, block_size
         in_specs=[pl.BlockSpec((None, block_q, hq, d), lambda i, h, t: (i, t, 0, 0)),
                   pl.BlockSpec((None, nbp, None, d), lambda i, h, t: (i, 0, h, 0)),
                   pl.BlockSpec((None, layout.virtual_heads, block_q), lambda i, h, t: (i, 0, t)),
-                  row, row],
+                  row, row, row],
         out_specs=pl.BlockSpec((None, block_q, None, w), lambda i, h, t: (i, t, h, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, hkv, w), jnp.int32),
         name="nsa_topk_fused",
         **call_options(),
-    )(q, k_cmp, lse, lo, hi)
+    )(q, k_cmp, lse, lo, hi, pos)
