@@ -107,7 +107,7 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, pos_ref, out_ref, *, layout: HeadLay
 def select_blocks_fla(q, k_cmp, lse, lo, pos=None, *, layout: HeadLayout, block_size: int, block_count: int,
                       scale: float) -> jax.Array:
     """Chosen blocks [B, Tp, HKV, W] int32 (absolute, -1 = empty; W = next_pow2(block_count), in the network's
-    order), as `topk.select_blocks_chunked` chooses them.
+    order), as the oracle chooses them (`reference.select_blocks(..., tie_break="fla")`).
 
     q [B, Tp, HQ, D] (Tp a multiple of block_size); k_cmp [B, NB, HKV, D] float32 block means, zero-padded to
     at least (last position + 1) / block_size + block_size blocks; lse [B, P, Tp] the lse each padded row divides
