@@ -14,9 +14,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 found on PATH or through pyenv; install one (e.g. 'pyenv install 3.12')" >&2; exit 1; }
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torchvision and qwen-vl-utils (its internals are stood in for by name) run the release's video pipeline, the
-	# oracle of tests/eval/test_video_pixels.py; resolved with torch in one go so the two builds match.
-	$(PY) -m pip install -q -e '.[test]' torchvision qwen-vl-utils==0.0.14
+	# torchvision, qwen-vl-utils (its smart_resize is stood in for by name) and decord (its reader when installed, as
+	# in the release's lmms-eval) run the release's video pipeline, the oracle of tests/eval/test_video_pixels.py;
+	# resolved with torch in one go so the builds match.
+	$(PY) -m pip install -q -e '.[test]' torchvision qwen-vl-utils==0.0.14 decord==0.6.0
 	# lmms-eval's own answer parsers are the oracle of tests/eval/test_eval_scoring.py: its files, not its dependencies.
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@

@@ -5,10 +5,14 @@ whole video reports it): the container's count is tried first, and if decoding d
 decoded once more with the true count. Frames come out upright: the stream's rotation (display matrix side
 data, else a `rotate` metadata tag) is applied. A variable-frame-rate video is sampled by presentation time:
 the sampler's frame numbers are read as evenly spaced times and each picks the frame nearest its time.
+
+`read_video_decord` instead reads a video as decord 0.6.0's ``VideoReader`` (the reader of the release's eval)
+hands frames to qwen-vl-utils: frame numbers are packets, not decoded frames, and are never remapped by time.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import os
@@ -58,9 +62,10 @@ def _probe(path: str) -> tuple[int, float]:
         return sum(1 for packet in container.demux(stream) if packet.size), fps
 
 
-def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def _decode(path: str, wanted: set[int], transform: FrameTransform,
+            pts: list | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Decodes the whole video; returns every frame's time (seconds from frame 0) and {index: transformed
-    upright rgb} of the `wanted` frames."""
+    upright rgb} of the `wanted` frames; appends each frame's pts (None if it has none) to `pts` if given."""
     container, stream = _open_video(path)
     kept = {}
     times = []
@@ -68,6 +73,8 @@ def _decode(path: str, wanted: set[int], transform: FrameTransform) -> tuple[np.
         for frame in container.decode(stream):
             count = len(times)
             times.append(float(frame.time or 0.0))
+            if pts is not None:
+                pts.append(frame.pts)
             if count in wanted:
                 rgb = np.rot90(frame.to_ndarray(format="rgb24"), _quarter_turns(path, stream, frame))
                 try:
@@ -138,6 +145,232 @@ def _sample(path: str, sampler: FrameSampler, total: int, fps: float) -> tuple[n
     except ValueError as e:  # e.g. fewer frames than one temporal patch
         raise VideoDecodeError(f"{path}: {e}") from e
     return np.asarray(indices, np.int64), float(sample_fps)
+
+
+def read_video_decord(path: str, sampler: FrameSampler,
+                      transform: FrameTransform = lambda frame: frame) -> SampledFrames:
+    """The frames ``decord.VideoReader(path).get_batch(indices)`` returns (decord 0.6.0, the reader qwen-vl-utils
+    and the release's lmms-eval fork pick when it is installed), `indices` being what `sampler(len(vr),
+    vr.get_avg_fps())` picks, each passed through `transform` as soon as it is decoded; raises VideoDecodeError.
+
+    decord counts the stream's packets (``av_read_frame``, zero-size and edit-list-discarded ones included; not the
+    container's frame count, not the frames that decode), takes the fps as ``avg_frame_rate`` (num / den), and
+    numbers frames by packet: never by presentation time, so a variable-frame-rate video is sampled by frame
+    number. It decodes with FFmpeg and converts to rgb24 through a ``scale`` filter that follows the frame's
+    colourspace and range tags, which on 8-bit video gives PyAV's ``to_ndarray(format="rgb24")`` bit for bit;
+    its display-matrix / ``rotate`` rotation is data.decode's. When every packet decodes to one frame (in pts
+    order), frame i is the i-th decoded frame; when fewer decode (an edit list that drops frames, a broken
+    packet) decord's seek-and-skip bookkeeping decides which decoded frame an index gives: `_DecordReader`
+    replays it. Where decord itself fails on those indices (it reads past the end, or gives up rewinding) or the
+    decoded frames' pts are not the packets', the frames are read as qwen-vl-utils then reads them, with
+    torchvision's reader: every decoded frame, sampled over their count.
+    """
+    try:
+        table = _PacketTable.scan(path)
+        if table.count == 0:
+            raise VideoDecodeError(f"{path}: no decodable frame (zero frames)")
+        if table.fps <= 0:
+            raise VideoDecodeError(f"{path}: no average frame rate")
+        indices, sample_fps = _sample(path, sampler, table.count, table.fps)
+        pts: list = []
+        times, kept = _decode(path, set(indices.tolist()), transform, pts)
+        if len(times) == 0:
+            raise VideoDecodeError(f"{path}: no decodable frame (zero frames)")
+        positions, total = indices, table.count
+        if [table.first_rank.get(p) for p in pts] != list(range(table.count)):  # not one frame per packet
+            try:
+                positions = np.asarray(_DecordReader(table, pts, path).get_batch(indices.tolist()), np.int64)
+            except _NotReplayed:
+                total = len(times)
+                positions, sample_fps = _sample(path, sampler, total, table.fps)
+                kept = {}  # the transform may depend on the frame count the sampler saw
+            if not kept.keys() >= set(positions.tolist()):
+                again, kept = _decode(path, set(positions.tolist()), transform)
+                if len(again) != len(times):
+                    raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"{path}: {e}") from e
+    shapes = {kept[i].shape for i in set(positions.tolist())}
+    if len(shapes) > 1:
+        raise VideoDecodeError(f"{path}: the frame size changes within the video {sorted(shapes)}")
+    frames = np.stack([kept[i] for i in positions.tolist()])
+    return SampledFrames(frames=frames, timestamps=times[positions].astype(np.float32), fps=sample_fps,
+                         total_frames=total, video_fps=table.fps)
+
+
+_NOPTS = -(2**63)  # AV_NOPTS_VALUE, where decord's packet table sorts a packet without pts
+
+
+class _NotReplayed(Exception):
+    """decord fails to read the batch (qwen-vl-utils then falls back to torchvision), or the replay cannot follow."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _PacketTable:
+    """What decord reads of a video's packets before decoding (``IndexKeyframes``), and where FFmpeg's seeks land."""
+
+    count: int  # the stream's packets: len(vr)
+    fps: float  # avg_frame_rate: vr.get_avg_fps()
+    sorted_pts: list[int]  # the packets' pts, sorted: decord's frame_ts_ (frame i's pts)
+    first_rank: dict[int, int]  # pts -> its first rank in sorted_pts: decord's pts_frame_map_
+    keys: list[int]  # keyframe packets' indices in demux order: decord's key_indices_
+    key_pts: list[int]
+    key_dts: list[int]
+    # mov_seek_stream searches its index by dts for (pts - this): the first packet's pts - dts, less the lowest pts
+    # from the first packet kept by the edit list on (measured on decord's FFmpeg 4.1: exact where it matters)
+    seek_offset: int
+
+    @classmethod
+    def scan(cls, path: str) -> "_PacketTable":
+        container, stream = _open_video(path)
+        with container:
+            rate = stream.average_rate
+            packets = [(_NOPTS if p.pts is None else p.pts, _NOPTS if p.dts is None else p.dts, p.is_keyframe,
+                        p.is_discard) for p in container.demux(stream)
+                       if not (p.size == 0 and p.pts is None and p.dts is None)]  # not PyAV's flush packet
+        pts = sorted(p[0] for p in packets)
+        first_rank: dict[int, int] = {}
+        for rank, p in enumerate(pts):
+            first_rank.setdefault(p, rank)
+        keys = [i for i, p in enumerate(packets) if p[2]]
+        kept = next((i for i, p in enumerate(packets) if not p[3]), 0)
+        offset = (packets[0][0] - packets[0][1] - min(p[0] for p in packets[kept:])) if packets else 0
+        return cls(count=len(packets), fps=float(rate) if rate else 0.0, sorted_pts=pts, first_rank=first_rank,
+                   keys=keys, key_pts=[packets[i][0] for i in keys], key_dts=[packets[i][1] for i in keys],
+                   seek_offset=offset)
+
+
+class _DecordReader:
+    """decord 0.6.0's ``VideoReader::GetBatch`` (src/video/video_reader.cc) replayed over the decoded frames, for
+    videos where not every packet decodes to a frame. Its state: ``curr_frame_`` (`cur`, in packet numbers), the
+    decoded frame the decoder gives next (`out`; past the last one the decoder gives end-of-file markers), the
+    last frame returned since the last seek (`cached`, decord's fallback at end of file) and a keyframe held back
+    by a seek (`key_frame` while `overrun`). A seek to frame p asks FFmpeg for frame p's pts and decoding restarts
+    at the keyframe packet mov's index search finds (forward, or backward when going back, with decord's retry);
+    the first frame out is the first decoded one from that keyframe's pts on (closed GOPs). ``CheckKeyFrame``
+    then renumbers by the decoded frame's pts rank, while skipping counts frames one by one, so the two
+    numberings part where frames were dropped."""
+
+    REWIND_RETRY_MAX = 16  # DECORD_REWIND_RETRY_MAX's default
+
+    def __init__(self, table: _PacketTable, decoded_pts: list, path: str):
+        ranks = [table.first_rank.get(p) for p in decoded_pts]
+        if any(r is None for r in ranks) or any(a >= b for a, b in zip(ranks, ranks[1:])):  # type: ignore[operator]
+            raise _NotReplayed(f"{path}: decoded frames whose pts are not the packets' in order")
+        self.table, self.path, self.count = table, path, table.count
+        self.ranks: list[int] = ranks  # type: ignore[assignment]
+        self.decoded_pts: list[int] = decoded_pts
+        self.cur, self.out, self.cached = 0, 0, None  # after the constructor's Seek(0)
+        self.overrun, self.key_frame = False, 0
+        self.fresh = True  # sought, and nothing taken from the decoder since: its queue is empty
+
+    def get_batch(self, indices: list[int]) -> list[int]:
+        """The decoded frame each of `indices` gives (a repeated index copies its first occurrence)."""
+        got: list[int] = []
+        first: dict[int, int] = {}
+        for i, pos in enumerate(indices):
+            if pos in first:
+                got.append(got[first[pos]])
+                continue
+            first[pos] = i
+            if self.cur != pos:
+                self._seek_accurate(pos)
+            got.append(self._next_frame())
+        return got
+
+    def _locate_keyframe(self, pos: int) -> int:
+        keys = self.table.keys
+        if not keys or pos <= keys[0]:
+            return 0
+        if pos >= self.count:
+            return keys[-1]
+        return keys[bisect.bisect_right(keys, pos) - 1]
+
+    def _seek(self, pos: int) -> None:
+        if self.cur == pos:
+            return
+        t = self.table
+        target = t.sorted_pts[pos] - t.seek_offset
+        forward = bisect.bisect_left(t.key_dts, target)  # the first keyframe at or after target
+        if self.cur > pos or forward == len(t.keys):  # AVSEEK_FLAG_BACKWARD, or decord's retry with it
+            land = max(bisect.bisect_right(t.key_dts, target) - 1, 0)  # the last at or before, else the first
+        else:
+            land = forward
+        self.cached = None
+        self.out = bisect.bisect_left(self.decoded_pts, t.key_pts[land]) if t.keys else 0
+        self.cur = pos
+        self.fresh = True
+
+    def _check_key_frame(self) -> bool:
+        j = self.out
+        self.out += 1
+        self.fresh = False
+        if j >= len(self.ranks):  # an end-of-file marker: sought past the end
+            self.cur = self.count
+            return False
+        if self.cur != self.ranks[j]:
+            self.cur = self.ranks[j] + 1
+            return False
+        self.cur += 1
+        self.key_frame = j
+        return True
+
+    def _skip(self, num: int) -> None:
+        num = min(self.count - self.cur, num)
+        if num >= 1:
+            self.out += num
+            self.cur += num
+            self.fresh = False
+
+    def _seek_accurate(self, pos: int) -> None:
+        if self.cur == pos:
+            return
+        key_pos, cur_key_pos = self._locate_keyframe(pos), self._locate_keyframe(self.cur)
+        self.overrun = False
+        if key_pos != cur_key_pos or pos < self.cur:
+            self._seek(0)
+            self._seek(key_pos)
+            if self._check_key_frame():
+                if pos > key_pos:
+                    self._skip(pos - self.cur)
+                else:
+                    self.overrun = True
+            elif self.cur < pos:
+                self._skip(pos - self.cur)
+            else:
+                key_pos = self._locate_keyframe(pos)
+                self._seek(key_pos)
+                self._skip(pos - key_pos)
+        else:
+            self._skip(pos - self.cur)
+
+    def _next_frame(self) -> int:
+        if self.overrun:
+            self.overrun = False
+            return self.key_frame
+        rewind, marker = 0, False
+        while True:
+            if self.cur >= self.count:
+                raise _NotReplayed(f"{self.path}: decord reads past the last frame")
+            # NextFrameImpl keeps the frame it last popped, and Pop leaves it when the decoder's queue is empty
+            # (just sought, the packet it pushed not yet decoded): an end-of-file marker seen before counts again
+            if not (marker and self.fresh):
+                j = self.out
+                self.out += 1
+                self.fresh = False
+                if j < len(self.ranks):
+                    break
+                marker = True
+            if self.cached is not None:  # at end of file decord repeats the last frame it returned
+                j = self.cached
+                break
+            if rewind > self.REWIND_RETRY_MAX:
+                raise _NotReplayed(f"{self.path}: decord gives up rewinding at end of file")
+            self._seek_accurate(self.cur - rewind)
+            rewind += 1
+        self.cur += 1
+        self.cached = j
+        return j
 
 
 @dataclasses.dataclass(frozen=True)

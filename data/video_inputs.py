@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from data.decode import SampledFrames, read_video
+from data.decode import SampledFrames, read_video, read_video_decord
 from nsa_jax import presets, processing
 
 
@@ -30,7 +30,8 @@ def read_video_inputs(path: str, preset: presets.Preset) -> VideoInputs:
 
 
 def fetch_video(path: str, preset: presets.Preset) -> SampledFrames:
-    """What lmms-eval's ``fetch_video`` hands the processor under an ``lmms_eval`` preset: the sampled frames, each
+    """What lmms-eval's ``fetch_video`` hands the processor under an ``lmms_eval`` preset: the frames decord picks
+    (frame count, fps and numbering as decord's ``VideoReader`` has them: data.decode.read_video_decord), each
     resized (uint8) as soon as it is decoded; raises data.decode.VideoDecodeError."""
     num_frames = 0
 
@@ -43,4 +44,4 @@ def fetch_video(path: str, preset: presets.Preset) -> SampledFrames:
     def fetch(frame: np.ndarray) -> np.ndarray:  # the frame count is known before any frame is decoded
         return presets.fetch_frame(frame, *presets.fetch_size(*frame.shape[:2], num_frames, preset))
 
-    return read_video(path, counting_sampler, fetch)
+    return read_video_decord(path, counting_sampler, fetch)

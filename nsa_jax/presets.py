@@ -1,7 +1,8 @@
 """Named video preprocessing presets: how frames are sampled and resized before patchify (numpy only).
 
 * ``videonsa_eval``: the release's evaluation (SPEC §7): lmms-eval's ``smart_nframes`` (fps, 4 to 500 frames,
-  even) with ``torch.linspace(...).round()`` indices, its ``fetch_video`` resize (its ``smart_resize`` with the
+  even) with ``torch.linspace(...).round()`` indices over the frames as decord counts and numbers them
+  (data.decode.read_video_decord), its ``fetch_video`` resize (its ``smart_resize`` with the
   wrapper's min / max pixels, torchvision's v1 tensor resize: float bicubic, clamp, round), then what the
   transformers video processor does to those frames with the same min / max pixels (``smart_resize`` again,
   which upscales whenever min_pixels exceeds the frame, a float bicubic resize without rounding, fused
