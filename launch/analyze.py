@@ -17,7 +17,7 @@ flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_string("question", "Describe the video.", "User text after the video.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer directory (default: the model directory if it has "
                     "tokenizer.json, else the byte-level fallback).")
-flags.DEFINE_string("preset", "videonsa_eval", "Preprocessing preset (nsa_jax/presets.py); the flags below "
+flags.DEFINE_string("preset", "videonsa_eval", "Preprocessing preset (nsa_jax/processing.py); the flags below "
                     "override its fields.")
 flags.DEFINE_float("fps", None, "Sampling rate (default: the preset's).")
 flags.DEFINE_integer("max_frames", 64, "Most frames sampled (analysis recomputes attention maps densely).")
@@ -34,7 +34,7 @@ def main(argv) -> None:
     from nsa_jax import from_pretrained
     from nsa_jax.analysis import analyze_video, save
     from nsa_jax.inputs import eval_tokenizer
-    from nsa_jax.presets import get_preset
+    from nsa_jax.processing import get_preset
 
     model = from_pretrained(FLAGS.model)
     tokenizer = eval_tokenizer(FLAGS.model, model.config, FLAGS.tokenizer)

@@ -26,7 +26,7 @@ flags.DEFINE_string("video_root", "", "Generic task: directory the questions' vi
 flags.DEFINE_string("out", "results.json", "Results JSON.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer directory (default: the model directory if it has "
                     "tokenizer.json, else the byte-level fallback).")
-flags.DEFINE_string("preset", "videonsa_eval", "Preprocessing preset (nsa_jax/presets.py).")
+flags.DEFINE_string("preset", "videonsa_eval", "Preprocessing preset (nsa_jax/processing.py).")
 flags.DEFINE_float("fps", None, "Frame sampling rate (default: the task's).")
 flags.DEFINE_integer("min_frames", None, "Fewest frames sampled (default: the preset's).")
 flags.DEFINE_integer("max_frames", None, "Most frames sampled (default: the preset's).")
@@ -59,7 +59,7 @@ def main(argv) -> None:
     from nsa_jax import from_pretrained
     from nsa_jax.generate import VisionPrompt, answer
     from nsa_jax.inputs import eval_tokenizer
-    from nsa_jax.presets import get_preset
+    from nsa_jax.processing import get_preset
     from nsa_jax.training.loop import maybe_initialize_distributed
 
     task = get_task(FLAGS.task)

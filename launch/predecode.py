@@ -23,13 +23,13 @@ from data.decode import DecodeSettings
 from data.errors import DataError
 from data.predecode import predecode
 from data.shards import FAILURES
-from nsa_jax.presets import PRESETS, get_preset
+from nsa_jax.processing import PRESETS, get_preset
 
 flags.DEFINE_string("annotations", None, "Annotation file (JSON list or JSONL).")
 flags.DEFINE_string("video_root", None, "Directory the annotations' video paths are relative to.")
 flags.DEFINE_string("out_dir", None, "Where shards and the manifest are written.")
 flags.DEFINE_enum("preset", "videonsa_train", [n for n, p in PRESETS.items() if not p.lmms_eval],
-                  "Training preprocessing preset (nsa_jax/presets.py).")
+                  "Training preprocessing preset (nsa_jax/processing.py).")
 flags.DEFINE_float("fps", None, "Sampling rate (default: the preset's).")
 flags.DEFINE_integer("min_frames", None, "Fewest frames sampled (default: the preset's).")
 flags.DEFINE_integer("max_frames", None, "Most frames sampled (default: the preset's).")

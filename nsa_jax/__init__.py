@@ -1,7 +1,7 @@
 """VideoNSA in JAX: Qwen2.5-VL with Native Sparse Attention for video tokens, in Flax NNX.
 
 The names below load their module on first use, so importing a processor module (`nsa_jax.processing`,
-`nsa_jax.chat`, `nsa_jax.tokenizer`, `nsa_jax.presets`), as the data pipeline does, loads no network code.
+`nsa_jax.chat`, `nsa_jax.tokenizer`), as the data pipeline does, loads no network code.
 """
 
 import importlib

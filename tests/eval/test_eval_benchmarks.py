@@ -100,7 +100,7 @@ def test_benchmark_end_to_end(task, model_dir, tmp_path):
                                               (20000, 24.0), (3001, 23.976)])
 def test_eval_frame_indices_equal_torch(total, video_fps):
     torch = pytest.importorskip("torch")
-    from nsa_jax.presets import PRESETS, frame_indices
+    from nsa_jax.processing import PRESETS, frame_indices
 
     preset = PRESETS["videonsa_eval"]
     idx, _ = frame_indices(total, video_fps, preset)
@@ -117,7 +117,7 @@ def test_eval_sizes_follow_lmms_eval_and_the_processor(height, width, frames):
     # qwen-vl-utils 0.0.14 refuses max_pixels < min_pixels, which the fork's copy accepts, so it is no oracle here
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    from nsa_jax.presets import PRESETS, fetch_size, processor_video
+    from nsa_jax.processing import PRESETS, fetch_size, processor_video
 
     preset = PRESETS["videonsa_eval"]
     h, w = fetch_size(height, width, frames, preset)
@@ -131,7 +131,7 @@ def test_eval_sizes_follow_lmms_eval_and_the_processor(height, width, frames):
 
 def test_spec_measured_processor_grid():
     # SPEC §7: frames resized to 168x280 come out as a 26x42 patch grid with min 200704 / max 50176
-    from nsa_jax.presets import PRESETS, processor_video
+    from nsa_jax.processing import PRESETS, processor_video
 
     frames = np.zeros((2, 168, 280, 3), np.uint8)
     rows, grid, spg = processor_video(frames, PRESETS["videonsa_eval"])

@@ -1,4 +1,4 @@
-"""The eval preset (nsa_jax.presets "videonsa_eval") against the release's own pipeline on real encoded videos.
+"""The eval preset (nsa_jax.processing "videonsa_eval") against the release's own pipeline on real encoded videos.
 
 The reference is what lmms-eval's VideoNSA wrapper runs: qwen-vl-utils' ``fetch_video`` reading the video with
 decord 0.6.0, the backend it (and the fork's copy of it) picks when decord is installed, as the fork installs it
@@ -41,7 +41,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 
 from data.decode import read_video_decord  # noqa: E402
 from data.video_inputs import fetch_video, read_video_inputs  # noqa: E402
-from nsa_jax import presets  # noqa: E402
+from nsa_jax import processing as presets  # noqa: E402
 from nsa_jax.tokenizer import SPECIAL_TOKENS  # noqa: E402
 
 PRESET = presets.PRESETS["videonsa_eval"]
