@@ -123,18 +123,31 @@ def read_video(path: str, sampler: FrameSampler, transform: FrameTransform = lam
             total = len(times)
             indices, sample_fps = _sample(path, sampler, total, fps)
         indices = _by_time(indices, times)
-        if not kept.keys() >= set(indices.tolist()):
-            again, kept = _decode(path, set(indices.tolist()), transform)
-            if len(again) != total:
-                raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+        kept = _decoded(path, kept, indices, transform, total)
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"{path}: {e}") from e
-    shapes = {kept[i].shape for i in set(indices.tolist())}
+    return _stacked(path, kept, indices, times, sample_fps, total, fps)
+
+
+def _decoded(path: str, kept: dict, wanted: np.ndarray, transform: FrameTransform, count: int) -> dict:
+    """`kept` if it holds every wanted frame, else the wanted frames decoded again (of `count` frames)."""
+    if kept.keys() >= set(wanted.tolist()):
+        return kept
+    again, kept = _decode(path, set(wanted.tolist()), transform)
+    if len(again) != count:
+        raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+    return kept
+
+
+def _stacked(path: str, kept: dict, positions: np.ndarray, times: np.ndarray, sample_fps: float, total: int,
+             video_fps: float) -> SampledFrames:
+    """The frames at `positions` of the decoded ones, one size for all."""
+    shapes = {kept[i].shape for i in set(positions.tolist())}
     if len(shapes) > 1:
         raise VideoDecodeError(f"{path}: the frame size changes within the video {sorted(shapes)}")
-    frames = np.stack([kept[i] for i in indices.tolist()])
-    return SampledFrames(frames=frames, timestamps=times[indices].astype(np.float32), fps=sample_fps,
-                         total_frames=total, video_fps=fps)
+    frames = np.stack([kept[i] for i in positions.tolist()])
+    return SampledFrames(frames=frames, timestamps=times[positions].astype(np.float32), fps=sample_fps,
+                         total_frames=total, video_fps=video_fps)
 
 
 def _sample(path: str, sampler: FrameSampler, total: int, fps: float) -> tuple[np.ndarray, float]:
@@ -184,18 +197,10 @@ def read_video_decord(path: str, sampler: FrameSampler,
                 total = len(times)
                 positions, sample_fps = _sample(path, sampler, total, table.fps)
                 kept = {}  # the transform may depend on the frame count the sampler saw
-            if not kept.keys() >= set(positions.tolist()):
-                again, kept = _decode(path, set(positions.tolist()), transform)
-                if len(again) != len(times):
-                    raise VideoDecodeError(f"{path}: the frame count changes between two decodes")
+            kept = _decoded(path, kept, positions, transform, len(times))
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"{path}: {e}") from e
-    shapes = {kept[i].shape for i in set(positions.tolist())}
-    if len(shapes) > 1:
-        raise VideoDecodeError(f"{path}: the frame size changes within the video {sorted(shapes)}")
-    frames = np.stack([kept[i] for i in positions.tolist()])
-    return SampledFrames(frames=frames, timestamps=times[positions].astype(np.float32), fps=sample_fps,
-                         total_frames=total, video_fps=table.fps)
+    return _stacked(path, kept, positions, times, sample_fps, total, table.fps)
 
 
 _NOPTS = -(2**63)  # AV_NOPTS_VALUE, where decord's packet table sorts a packet without pts
