@@ -3,9 +3,9 @@
 lr 1e-6, 10% warmup then cosine, weight decay 0.01, grad clip 1.0, bf16 compute (float32 master
 weights), 65,536-token rows, NSA block 64 / 32 selected blocks / window 256 in the released `videonsa`
 mode. The paper used sequence parallel 8 (Ulysses) and ZeRO-2; here: --config.mesh.sequence=8 and fsdp
-over the rest. Mode videonsa's padded head layout keeps a row's heads on one device, so its attention is
-repeated on each of the 8 `sequence` devices (correct; the layers' other work is split); mode native splits
-heads over the 4 KV heads (`nsa_jax/head_parallel.py`), so use sequence <= 4 there. Set `model.init_from`
+over the rest. Sequence 8 does not divide the 4 KV heads, so attention splits its query tokens 8 ways (each
+device its chunk against the all-gathered keys, `nsa_jax/head_parallel.py`), in both modes; with tensor=4 x
+sequence=2 mode native splits heads over tensor instead. Set `model.init_from`
 to the converted Qwen2.5-VL-7B-Instruct (launch/convert.py) and `train.freeze` to e.g. "vision_tower" or
 "vision_tower,merger" to freeze parts.
 """

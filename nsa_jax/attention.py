@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsa_jax.config import TextConfig
-from nsa_jax.head_parallel import head_parallel
+from nsa_jax.head_parallel import QueryChunk, head_parallel
 from nsa_jax.layers import Runtime, linear
 from nsa_jax.rope import apply_rotary
 
@@ -29,28 +29,33 @@ QUERY_CHUNK = 2048
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
                     kv_valid: jax.Array | None = None, implementation: str | None = None,
-                    query_chunk: int = QUERY_CHUNK) -> jax.Array:
+                    query_chunk: int = QUERY_CHUNK, q_offset: int | jax.Array | None = None) -> jax.Array:
     """Softmax attention, q [B,T,H,D], k/v [B,S,K,D] with H divisible by K (GQA), scale 1/sqrt(D).
 
-    causal: query i sees keys j <= i + S - T (the queries are the last T positions of the keys).
+    causal: query i sees keys j <= i + q_offset; q_offset (an int or a traced int32 scalar) is the position of
+    the first query among the keys, by default S - T (the queries are the last T positions of the keys).
     segment_ids [B,T] (T == S), or a pair ([B,T] of the queries, [B,S] of the keys): tokens attend only keys
-    of the same segment (packed samples).
+    of the same segment (packed samples). With q_offset it may be the keys' [B,S] alone (the queries' are
+    their rows q_offset + i).
     kv_valid [B,S] bool: keys that exist (padding masked out). A row with no visible key returns zeros.
-    Without masks (and T == S) this is `jax.nn.dot_product_attention` with `implementation` (None: cuDNN's
-    flash attention where it applies, on NVIDIA GPUs in bf16 / f16, else XLA's); with masks, queries go
-    `query_chunk` rows at a time.
+    Without masks (and T == S, no q_offset) this is `jax.nn.dot_product_attention` with `implementation` (None:
+    cuDNN's flash attention where it applies, on NVIDIA GPUs in bf16 / f16, else XLA's); with masks, queries
+    go `query_chunk` rows at a time.
     """
     t, s = q.shape[1], k.shape[1]
-    if segment_ids is None and kv_valid is None and (t == s or not causal):
+    if q_offset is not None and segment_ids is not None and not isinstance(segment_ids, tuple):
+        segment_ids = (jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1), segment_ids)
+    if q_offset is None and segment_ids is None and kv_valid is None and (t == s or not causal):
         if implementation is None and _cudnn_applies(q):
             implementation = "cudnn"
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     if t > query_chunk:
         return _query_chunks(q, k, v, None, chunk=query_chunk, causal=causal, segment_ids=segment_ids,
-                             kv_valid=kv_valid, implementation=implementation)
+                             kv_valid=kv_valid, implementation=implementation, q_offset=q_offset)
     mask = jnp.ones((q.shape[0], 1, t, s), bool)
     if causal:
-        mask &= jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+        offset = s - t if q_offset is None else q_offset
+        mask &= (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + offset)[None, None]
     if segment_ids is not None:
         q_seg, k_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         mask &= (q_seg[:, :, None] == k_seg[:, None, :])[:, None]
@@ -69,35 +74,40 @@ def _cudnn_applies(q: jax.Array) -> bool:
 
 def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, *, chunk: int = QUERY_CHUNK,
                          segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
-                         implementation: str | None = None) -> jax.Array:
+                         implementation: str | None = None, q_offset: int | jax.Array | None = None) -> jax.Array:
     """Causal `dense_attention` for the query rows where `rows` [B,T] holds; other rows may get anything.
 
     Queries go in chunks of `chunk` rows against the keys up to the chunk's end; a chunk with none of the
     rows (e.g. the middle of a long video, whose tokens take the NSA branch) is skipped at run time.
+    q_offset: as `dense_attention`'s (q a chunk of the keys' sequence; segment_ids then the keys').
     """
     if q.shape[1] <= chunk:
         return dense_attention(q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid,
-                               implementation=implementation)
+                               implementation=implementation, q_offset=q_offset)
     return _query_chunks(q, k, v, rows, chunk=chunk, causal=True, segment_ids=segment_ids, kv_valid=kv_valid,
-                         implementation=implementation)
+                         implementation=implementation, q_offset=q_offset)
 
 
 def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, segment_ids, kv_valid,
-                  implementation) -> jax.Array:
-    """`dense_attention` `chunk` query rows at a time, each chunk against the keys it can see; with `rows`,
-    chunks holding none of them are skipped (zeros)."""
+                  implementation, q_offset=None) -> jax.Array:
+    """`dense_attention` `chunk` query rows at a time, each chunk against the keys it can see (all of them
+    where q_offset is given: the keys a chunk sees are then known at run time only); with `rows`, chunks
+    holding none of them are skipped (zeros)."""
     t, s = q.shape[1], k.shape[1]
+    if q_offset is not None and segment_ids is not None and not isinstance(segment_ids, tuple):
+        segment_ids = (jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1), segment_ids)
     q_seg, k_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)) \
         if segment_ids is not None else (None, None)
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
-        stop = end + s - t if causal else s  # the last key a causal chunk sees, plus one
+        stop = end + s - t if causal and q_offset is None else s  # the last key a causal chunk sees, plus one
         seg = None if q_seg is None else (q_seg[:, start:end], k_seg[:, :stop])
         valid = None if kv_valid is None else kv_valid[:, :stop]
-        attend = lambda a, b, c, seg=seg, valid=valid: dense_attention(
+        offset = None if q_offset is None else q_offset + start
+        attend = lambda a, b, c, seg=seg, valid=valid, offset=offset: dense_attention(
             a, b, c, causal=causal, segment_ids=seg, kv_valid=valid, implementation=implementation,
-            query_chunk=chunk)
+            query_chunk=chunk, q_offset=offset)
         args = (q[:, start:end], k[:, :stop], v[:, :stop])
         outs.append(attend(*args) if rows is None else jax.lax.cond(
             rows[:, start:end].any(), attend, lambda a, b, c: jnp.zeros_like(a), *args))
@@ -180,7 +190,9 @@ class DenseAttention(nnx.Module):
         """The attention core over the chunk itself: causal GQA, [B, T, H, D]."""
         del x
         impl, mesh = self.runtime.attention_impl, self.runtime.mesh
-        attend = lambda q, k, v, segment_ids, kv_valid: dense_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid, implementation=impl)
+
+        def attend(q, k, v, segment_ids, kv_valid, chunk: QueryChunk | None = None):
+            return dense_attention(q, k, v, causal=True, segment_ids=segment_ids, kv_valid=kv_valid,
+                                   implementation=impl, q_offset=None if chunk is None else chunk.offset)
         return head_parallel(mesh, attend, (q, k, v), dict(segment_ids=ctx.segment_ids, kv_valid=ctx.kv_valid),
                              num_kv_heads=self.num_kv_heads)

@@ -26,8 +26,9 @@ REMAT_POLICIES = {
 class Runtime:
     """How a model runs, not what it computes (constructor argument of the model and its blocks).
 
-    mesh: the device mesh of training; the attention core runs head-parallel over it (`head_parallel.py`) and
-      decoder layers pin their hidden states to [batch, sequence] (`sharding.activation_sharding`).
+    mesh: the device mesh of training; the attention core runs split by heads and query tokens over it
+      (`head_parallel.py`) and decoder layers pin their hidden states to [batch, sequence]
+      (`sharding.activation_sharding`).
     remat: the rematerialisation policy of the repeated blocks (`REMAT_POLICIES`).
     attention_impl: `jax.nn.dot_product_attention`'s implementation for dense attention (None: cuDNN where it
       applies, else XLA's).

@@ -12,7 +12,8 @@ merged by `logical_rules`):
   (Megatron tensor parallel);
 - sequence -> sequence: context parallelism. Activations are sharded along the token axis between layers;
   the attention core runs head-parallel (`nsa_jax/head_parallel.py`: all-to-all to [batch, heads], whole
-  sequences per device, as DeepSpeed-Ulysses), over as many of (tensor, sequence) as divide the KV heads.
+  sequences per device, as DeepSpeed-Ulysses), over as many of (tensor, sequence) as divide the KV heads, and
+  split by query tokens over the rest (each device its chunk of queries against the all-gathered k, v).
 - patches -> (data, fsdp, sequence): the vision tower's pixel rows, in one chunk of whole frames per device
   (`device_batch.vision_input`); frames attend only within themselves, so the tower needs no communication.
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from nsa_jax.attention import DenseAttention, TokenContext, dense_attention, dense_attention_rows
 from nsa_jax.config import ModelConfig, NSAConfig
-from nsa_jax.head_parallel import head_parallel
+from nsa_jax.head_parallel import QueryChunk, head_parallel
 from nsa_jax.layers import Runtime, linear
 from pallas_kernels import NSAVariant, nsa_attention, nsa_variant
 from pallas_kernels.segments import segment_bounds
@@ -45,28 +45,35 @@ def nsa_rows(nsa: NSAConfig, ctx: TokenContext) -> jax.Array:
     return mrope_vision_rows(ctx.position_ids) if nsa.mode == "videonsa" else ctx.vision_mask
 
 
-def nsa_branch(nsa: NSAConfig, q, k, v, gates, segment_ids) -> jax.Array:
+def nsa_branch(nsa: NSAConfig, q, k, v, gates, segment_ids, chunk: QueryChunk | None = None,
+               q_offset: jax.Array | None = None) -> jax.Array:
     """The NSA branch of a config: `nsa_attention` with its block size, count, window, selection, kernel
-    implementation and mode's flags; gates [B, T, H, 3] (cmp, slc, swa)."""
+    implementation and mode's flags; gates [B, T, H, 3] (cmp, slc, swa). chunk: q and the gates are a chunk of
+    the keys' sequence (`head_parallel`), at q_offset (default chunk.offset)."""
+    if chunk is not None:
+        q_offset = chunk.offset if q_offset is None else q_offset
     return nsa_attention(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], block_size=nsa.block_size,
                          block_count=nsa.block_count, window_size=nsa.window_size, segment_ids=segment_ids,
-                         selection=nsa.selection, impl=nsa.impl, **kernel_variant(nsa).flags())
+                         selection=nsa.selection, impl=nsa.impl, q_offset=q_offset,
+                         query_axis=None if chunk is None else chunk.axis, **kernel_variant(nsa).flags())
 
 
 def videonsa_attention(nsa: NSAConfig, q: jax.Array, k: jax.Array, v: jax.Array, gate_logits: jax.Array,
                        vision: jax.Array, *, segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
-                       implementation: str | None = None) -> jax.Array:
+                       implementation: str | None = None, chunk: QueryChunk | None = None) -> jax.Array:
     """Mode videonsa's attention core (SPEC §2) on [B, T] rows: q [B, T, H, D], k, v [B, T, K, D], gate logits
     [B, T, H, 3] and the vision rows [B, T]. As the release's `_mixed_attention`, a call whose rows are all
-    vision takes NSA alone (no dense branch)."""
+    vision takes NSA alone (no dense branch). chunk: q and the gate logits are the chunk's rows
+    (`head_parallel`'s sequence split); k, v and the [B, T] rows the whole sequence."""
     all_vision = vision.all()
-    rows = vision[..., None, None]  # [B, T, 1, 1]
+    q_vision = vision if chunk is None else chunk.rows(vision)
+    rows, k_rows = q_vision[..., None, None], vision[..., None, None]  # [B, T, 1, 1]
     gates = jax.nn.sigmoid(jnp.where(rows, gate_logits, 0.0))
     zero = jnp.zeros((), q.dtype)
-    o_nsa = nsa_branch(nsa, jnp.where(rows, q, zero), jnp.where(rows, k, zero), jnp.where(rows, v, zero), gates,
-                       nsa_segments(segment_ids))
-    o_dense = videonsa_dense_branch(q, k, v, vision, segment_ids=segment_ids, kv_valid=kv_valid,
-                                    implementation=implementation)
+    o_nsa = nsa_branch(nsa, jnp.where(rows, q, zero), jnp.where(k_rows, k, zero), jnp.where(k_rows, v, zero), gates,
+                       nsa_segments(segment_ids), chunk)
+    o_dense = videonsa_dense_branch(q, k, v, q_vision, segment_ids=segment_ids, kv_valid=kv_valid,
+                                    implementation=implementation, q_offset=None if chunk is None else chunk.offset)
     return jnp.where(all_vision, o_nsa, o_nsa + o_dense)
 
 
@@ -99,46 +106,57 @@ class NSAAttention(DenseAttention):
         return head_parallel(self.runtime.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
                              num_kv_heads=self.num_kv_heads)
 
-    def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid) -> jax.Array:
-        """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]."""
+    def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid, chunk: QueryChunk | None = None
+                ) -> jax.Array:
+        """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]. chunk: q and
+        the gates are the chunk's rows (`head_parallel`'s sequence split), k, v and the [B, T] rows the whole."""
         # Vision tokens first, in order: NSA runs over them as one contiguous sequence. The text rows moved
         # behind them are never visible to a vision query (causality). With segment ids, each sample's vision
         # run is its own NSA segment; the kernels require every segment to start at a multiple of the block
         # size, which holds for one sample per row (`check_native_packing` refuses more).
+        # A chunk's vision rows are consecutive in that order too: they follow the vision tokens before the chunk.
         order = jnp.argsort(~vision, axis=1, stable=True)
-        inverse = jnp.argsort(order, axis=1)
+        q_vision = vision if chunk is None else chunk.rows(vision)
+        q_order = order if chunk is None else jnp.argsort(~q_vision, axis=1, stable=True)
+        inverse = jnp.argsort(q_order, axis=1)
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
         seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
-        o_nsa = nsa_branch(self.nsa, take(q, order), take(k, order), take(v, order), take(gates, order), seg)
+        before = None if chunk is None else (vision & (jnp.arange(vision.shape[1]) < chunk.offset)).sum(1)
+        o_nsa = nsa_branch(self.nsa, take(q, q_order), take(k, order), take(v, order), take(gates, q_order), seg,
+                           chunk, q_offset=before)
         o_nsa = take(o_nsa, inverse)
-        o_dense = dense_attention_rows(q, k, v, ~vision, segment_ids=segment_ids,
-                                       kv_valid=kv_valid, implementation=self.runtime.attention_impl)
-        return jnp.where(vision[..., None, None], o_nsa, o_dense)
+        o_dense = dense_attention_rows(q, k, v, ~q_vision, segment_ids=segment_ids, kv_valid=kv_valid,
+                                       implementation=self.runtime.attention_impl,
+                                       q_offset=None if chunk is None else chunk.offset)
+        return jnp.where(q_vision[..., None, None], o_nsa, o_dense)
 
 
 def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.Array, *,
                           segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
                           implementation: str | None = None, max_text_rows: int = 1024,
-                          text_chunk: int = 128) -> jax.Array:
+                          text_chunk: int = 128, q_offset: jax.Array | None = None) -> jax.Array:
     """Mode videonsa's dense branch (SPEC §2.9): causal GQA over all k, v of q with its vision rows zeroed.
 
     A zeroed query scores 0 against every key, so a vision row attends uniformly: its output is the mean of v
     over the keys it sees (a prefix mean, per segment). Only the text rows (~ vision, a few hundred in a video
     prompt) need attention: they are gathered in order, `text_chunk` rows at a time against every key (chunks
     past the last text row skipped at run time). A call with more than `max_text_rows` text rows in some batch
-    row takes the full dense pass instead. q [B, T, H, D]; k, v [B, T, K, D]; vision [B, T] bool."""
+    row takes the full dense pass instead. q [B, T, H, D]; k, v [B, T, K, D]; vision [B, T] bool. q_offset: q
+    and vision are the rows q_offset + [0, T) of the keys' sequence of S tokens (k, v, segment_ids and kv_valid
+    [B, S])."""
     b, t, h, d = q.shape
-    g = h // k.shape[2]
+    s, g = k.shape[1], h // k.shape[2]
     full = lambda: dense_attention(jnp.where(vision[..., None, None], jnp.zeros((), q.dtype), q), k, v, causal=True,
-                                   segment_ids=segment_ids, kv_valid=kv_valid, implementation=implementation)
+                                   segment_ids=segment_ids, kv_valid=kv_valid, implementation=implementation,
+                                   q_offset=q_offset)
     rows = min(t, max_text_rows)
     text = ~vision
     if rows == t:
         return full()
 
     def closed_form():
-        seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-        valid = jnp.ones((b, t), bool) if kv_valid is None else kv_valid
+        seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids
+        valid = jnp.ones((b, s), bool) if kv_valid is None else kv_valid
         # prefix mean of the visible v: (sum over [segment start, i]) / count, from running sums
         total = jnp.cumsum(jnp.where(valid[..., None, None], v.astype(jnp.float32), 0.0), axis=1)
         count = jnp.cumsum(valid.astype(jnp.float32), axis=1)
@@ -148,12 +166,15 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
         n = count - before(count)
         mean = (total - before(total)) / jnp.maximum(n, 1.0)[..., None, None]
         mean = jnp.where((n > 0)[..., None, None], mean, 0.0)
+        if q_offset is not None:
+            mean = jax.lax.dynamic_slice_in_dim(mean, q_offset, t, axis=1)
         o_vision = jnp.repeat(mean, g, axis=2).astype(q.dtype)
 
         order = jnp.argsort(vision, axis=1, stable=True)[:, :rows]  # text rows first, in order
         q_text = jnp.take_along_axis(q, order[..., None, None], axis=1)
         n_text = text.sum(1).max()
-        keys = jnp.arange(t)
+        keys = jnp.arange(s)
+        shift = 0 if q_offset is None else q_offset  # a query row's position among the keys
 
         def attend(qc, pos):
             mask = (keys[None, None, :] <= pos[:, :, None]) & valid[:, None, :]
@@ -163,7 +184,7 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
 
         outs = []
         for c0 in range(0, rows, text_chunk):
-            args = (q_text[:, c0:c0 + text_chunk], order[:, c0:c0 + text_chunk])
+            args = (q_text[:, c0:c0 + text_chunk], order[:, c0:c0 + text_chunk] + shift)
             outs.append(jax.lax.cond(n_text > c0, attend, lambda qc, pos: jnp.zeros_like(qc), *args))
         o_text = jnp.zeros_like(q).at[jnp.arange(b)[:, None], order].set(jnp.concatenate(outs, axis=1))
         return jnp.where(vision[..., None, None], o_vision, o_text)

@@ -11,7 +11,7 @@ from tests.support.fake_devices import run_with_fake_devices
 
 LAYOUTS = [
     {"data": 8},
-    {"data": 2, "sequence": 4},  # sequence 4 does not divide the 2 KV heads: attention replicated over it
+    {"data": 2, "sequence": 4},  # sequence 4 does not divide the 2 KV heads: query tokens split over it
     {"fsdp": 2, "tensor": 2, "sequence": 2},
     {"fsdp": 4, "sequence": 2},  # heads split over sequence (Ulysses), parameters over fsdp and sequence
 ]
