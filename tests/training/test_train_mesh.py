@@ -1,6 +1,8 @@
 """Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes and both NSA
-modes, equal the single-device ones. The work runs in a subprocess so XLA_FLAGS takes effect before jax is
-imported."""
+modes, equal the single-device ones. The tiny model has 2 KV heads, so `sequence` 4 beside `tensor` 2, and
+`sequence` 8, split the query tokens (`head_parallel`'s context parallelism: k, v all-gathered); mode
+videonsa keeps its heads whole, so its head axes all split tokens. The work runs in a subprocess so XLA_FLAGS
+takes effect before jax is imported."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ from tests.support.fake_devices import run_with_fake_devices
 
 LAYOUTS = [
     {"data": 8},
-    {"data": 2, "sequence": 4},  # sequence 4 does not divide the 2 KV heads: query tokens split over it
+    {"tensor": 2, "sequence": 4},  # heads over tensor (native); sequence 4 does not divide them: tokens split
     {"fsdp": 2, "tensor": 2, "sequence": 2},
     {"fsdp": 4, "sequence": 2},  # heads split over sequence (Ulysses), parameters over fsdp and sequence
+    {"sequence": 8},  # query tokens split 8 ways
 ]
+# (batch, heads, tokens) axes of the attention split, where the tokens split
+SPLITS = {("native", 1): [[], ["tensor"], ["sequence"]], ("videonsa", 1): [[], [], ["tensor", "sequence"]],
+          ("native", 4): [[], [], ["sequence"]], ("videonsa", 4): [[], [], ["sequence"]]}
 MODES = ("videonsa", "native")
 
 def _compare_layouts() -> dict:
@@ -25,6 +31,7 @@ def _compare_layouts() -> dict:
     from configs.tiny import get_config
     from nsa_jax.training.device_batch import device_batch
     from nsa_jax.config import NSAConfig, model_preset
+    from nsa_jax.head_parallel import split_axes
     from nsa_jax.training.model_setup import split_for_training
     from nsa_jax.training.optimizer import make_optimizer
     from nsa_jax.sharding import make_mesh
@@ -39,25 +46,29 @@ def _compare_layouts() -> dict:
         fns = StepFunctions(graphdef, make_optimizer(params, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0),
                             mesh, loss_chunk=32)
         batch = device_batch(host, cfg, mesh)
-        sums = jax.jit(fns.micro_sums)(params, batch)
+        lowered = jax.jit(fns.micro_sums).lower(params, batch)
+        sums = lowered.compile()(params, batch)
+        gathers = lowered.as_text().count("all_gather")
         sharded = sum(not p.sharding.is_fully_replicated for p in jax.tree.leaves(params))
         head_parallel = "shard_map" in str(jax.make_jaxpr(fns.micro_sums)(params, batch))
-        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel
+        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers
 
     out = {}
     for mode in MODES:
         c.model.nsa.mode = mode
         cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
         host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
-        ref_loss, ref_tokens, ref_grads, _, _ = run(cfg, host, {"data": 1}, jax.devices()[:1])
+        ref_loss, ref_tokens, ref_grads, *_ = run(cfg, host, {"data": 1}, jax.devices()[:1])
         out[mode] = {"reference": ref_loss, "layouts": []}
         for shape in LAYOUTS:
-            loss, tokens, grads, sharded, head_parallel = run(cfg, host, shape, jax.devices())
+            loss, tokens, grads, sharded, head_parallel, gathers = run(cfg, host, shape, jax.devices())
+            axes = split_axes(make_mesh(shape, jax.devices()), batch=8, length=64, num_kv_heads=2,
+                              split_heads=mode == "native")
             rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
             out[mode]["layouts"].append({
                 "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
                 "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
-                "sharded_params": sharded, "shard_map": head_parallel})
+                "sharded_params": sharded, "shard_map": head_parallel, "all_gathers": gathers, "axes": axes})
     del jnp
     return out
 
@@ -72,6 +83,9 @@ def test_mesh_layouts_match_single_device(tmp_path):
             assert r["shard_map"], (mode, r)
         # The layouts really shard: parameters are split over fsdp / tensor / sequence.
         assert all(r["sharded_params"] > 0 for r in out[mode]["layouts"][1:]), mode
+        for i, r in enumerate(out[mode]["layouts"]):
+            if (mode, i) in SPLITS:  # the queries split: k / v gathered inside shard_map
+                assert r["axes"] == SPLITS[mode, i] and r["all_gathers"] > 0, (mode, r)
 
 if __name__ == "__main__":
     import pathlib
