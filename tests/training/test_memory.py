@@ -1,7 +1,7 @@
-"""launch.memory: the per-device memory terms follow the shapes (state split over the devices, activations
+"""nsa_jax.training.memory: the per-device memory terms follow the shapes (state split over the devices, activations
 linear in the tokens, the gathered keys in the whole sequence)."""
 
-from launch.memory import GIB, table
+from nsa_jax.training.memory import GIB, table
 
 
 def test_memory_terms_follow_the_shapes():
