@@ -150,9 +150,9 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
                                    segment_ids=segment_ids, kv_valid=kv_valid, implementation=implementation,
                                    q_offset=q_offset)
     rows = min(t, max_text_rows)
-    text = ~vision
     if rows == t:
         return full()
+    n_text = (~vision).sum(1).max()  # text rows of the batch row that has the most
 
     def closed_form():
         seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids
@@ -172,7 +172,6 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
 
         order = jnp.argsort(vision, axis=1, stable=True)[:, :rows]  # text rows first, in order
         q_text = jnp.take_along_axis(q, order[..., None, None], axis=1)
-        n_text = text.sum(1).max()
         keys = jnp.arange(s)
         shift = 0 if q_offset is None else q_offset  # a query row's position among the keys
 
@@ -189,7 +188,7 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
         o_text = jnp.zeros_like(q).at[jnp.arange(b)[:, None], order].set(jnp.concatenate(outs, axis=1))
         return jnp.where(vision[..., None, None], o_vision, o_text)
 
-    return jax.lax.cond(text.sum(1).max() <= rows, closed_form, full)
+    return jax.lax.cond(n_text <= rows, closed_form, full)
 
 
 def check_native_packing(mode: str, samples_per_row: int) -> None:

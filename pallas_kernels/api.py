@@ -142,7 +142,6 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     return nsa_pallas(q, k, v, g_cmp, g_slc, g_swa, layout=layout, **kwargs)
 
 
-
 def _check_chunk(q_offset, tq: int, t: int, b: int, selection: str) -> None:
     """Validates a query chunk (`nsa_attention`'s q_offset) of Tq rows against T keys."""
     if q_offset is None:
