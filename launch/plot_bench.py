@@ -4,7 +4,8 @@ and pass, one line per method.
     python -m launch.plot_bench --inputs=bench_native.json,bench_query_block.json,bench_videonsa.json \\
         --out=bench.png
 
-Each series it draws is printed as one JSON line ({"mode", "pass", "method", "T", "ms"}).
+A file may hold one bench result or a list of them (BENCHMARKS.json: the current figures of each mode). Each series
+it draws is printed as one JSON line ({"mode", "pass", "method", "T", "ms"}).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import json
 
 from absl import app, flags
 
-flags.DEFINE_list("inputs", [], "bench JSON files (`launch.bench --out`), one panel row each")
+flags.DEFINE_list("inputs", [], "bench JSON files (`launch.bench --out`, or a list of such results), one panel "
+                  "row per result")
 flags.DEFINE_string("out", "bench.png", "image to write (any matplotlib format: .png, .svg, .pdf)")
 FLAGS = flags.FLAGS
 
@@ -47,7 +49,8 @@ def main(argv) -> None:
     results = []
     for path in FLAGS.inputs:
         with open(path) as f:
-            results.append((path, json.load(f)))
+            loaded = json.load(f)
+        results += [(path, r) for r in (loaded if isinstance(loaded, list) else [loaded])]
     if not results:
         raise app.UsageError("--inputs: no bench JSON given")
     passes = sorted({row["pass"] for _, r in results for row in r["rows"]}, key=["fwd", "fwd_bwd"].index)

@@ -69,10 +69,13 @@ def test_bench_videonsa_mode_and_plot(tmp_path):
     assert all(row["nsa"]["ms"] > 0 for row in r["rows"])
     r["rows"][1]["cudnn"] = {"error": "not on CPU"}  # a failed method is left out of the plot
     (tmp_path / "bench.json").write_text(json.dumps({**r, "flags": {**r["flags"], "methods": ["nsa", "cudnn"]}}))
+    native = {"flags": {"mode": "native", "methods": ["nsa"]}, "rows": [{"T": 64, "pass": "fwd", "nsa": {"ms": 2.5}}]}
+    (tmp_path / "all.json").write_text(json.dumps([native]))  # a file may hold a list of results
     png = tmp_path / "bench.png"
-    out = subprocess.run([sys.executable, "-m", "launch.plot_bench", f"--inputs={tmp_path / 'bench.json'}",
-                          f"--out={png}"], check=True, capture_output=True, text=True).stdout
-    (drawn,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert drawn == {"mode": "videonsa", "pass": "fwd", "method": "nsa", "T": [64, 80],
-                     "ms": [row["nsa"]["ms"] for row in r["rows"]]}
+    out = subprocess.run([sys.executable, "-m", "launch.plot_bench", f"--inputs={tmp_path / 'bench.json'},"
+                          f"{tmp_path / 'all.json'}", f"--out={png}"], check=True, capture_output=True, text=True).stdout
+    drawn = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert drawn == [{"mode": "videonsa", "pass": "fwd", "method": "nsa", "T": [64, 80],
+                      "ms": [row["nsa"]["ms"] for row in r["rows"]]},
+                     {"mode": "native", "pass": "fwd", "method": "nsa", "T": [64], "ms": [2.5]}]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
