@@ -1,6 +1,7 @@
 """Training-step benchmark: tokens/s and MFU of one optimizer step (SPEC §5: 1B-class, 32K tokens, 1 H100).
 
-    python -m launch.bench_train --config=configs/videonsa_1b.py --steps=10 --out=bench_train.json
+    python -m launch.bench_train --config=configs/videonsa_1b.py --steps=10 --out=bench_train.json \
+        --profile_dir=/tmp/trace   # optional: the step's device time by part, phase and kind of work
 
 Runs the same jitted step as `launch/train.py` (bf16 compute, float32 master weights, AdamW, remat) on one
 fixed synthetic batch (one 32,768-token row: a 192-frame video + text), so host-side batch preparation is
@@ -22,6 +23,9 @@ config_flags.DEFINE_config_file("config", "configs/videonsa_1b.py", "Model / dat
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps steps there (jax.profiler) and report where the "
+                    "device time went: part of the model, phase, kind of work (nsa_jax/training/profile.py).")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
 FLAGS = flags.FLAGS
 
 
@@ -30,7 +34,8 @@ def main(argv) -> None:
     from nsa_jax.training.benchmark import bench_train_step
 
     result = bench_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                              report=lambda line: print(line, flush=True))
+                              report=lambda line: print(line, flush=True), profile_dir=FLAGS.profile_dir,
+                              profile_steps=FLAGS.profile_steps)
     print(json.dumps(result, indent=2))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

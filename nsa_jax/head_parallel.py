@@ -75,6 +75,14 @@ def head_parallel(mesh: Mesh | None, fn: Callable[..., jax.Array], heads: tuple[
     heads at `key_heads` (k and v) cover the whole sequence, the others the chunk's rows; rows cover the whole
     sequence. Without a mesh (or a mesh of one device) this is fn(*heads, **rows).
     """
+    with jax.named_scope("attention_core"):  # the profile's part (nsa_jax/training/profile.py)
+        return _head_parallel(mesh, fn, heads, rows, num_kv_heads=num_kv_heads, split_heads=split_heads,
+                              key_heads=key_heads)
+
+
+def _head_parallel(mesh: Mesh | None, fn: Callable[..., jax.Array], heads: tuple[jax.Array, ...],
+                   rows: Mapping[str, jax.Array | None], *, num_kv_heads: int, split_heads: bool,
+                   key_heads: tuple[int, ...]) -> jax.Array:
     if mesh is None or mesh.size == 1:
         return fn(*heads, **rows)
     b, t = heads[0].shape[:2]

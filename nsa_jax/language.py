@@ -13,7 +13,7 @@ from flax import nnx
 from nsa_jax.attention import DenseAttention, LayerCache, TokenContext
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, make_blocks, run_blocks
-from nsa_jax.sharding import activation_sharding, with_axes
+from nsa_jax.sharding import activation_sharding, named, with_axes
 from nsa_jax.videonsa import NSAAttention
 
 
@@ -51,6 +51,7 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  runtime: Runtime = Runtime()):
         t = cfg.text
+        self.runtime = runtime
         self.embed_tokens = nnx.Embed(t.vocab_size, t.hidden_size,
                                       embedding_init=with_axes(nnx.initializers.normal(0.02), ("vocab", "embed")),
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -58,6 +59,19 @@ class TextModel(nnx.Module):
         self.layers = nnx.List(make_blocks(kinds, lambda nsa, r: DecoderLayer(
             cfg, nsa, rngs=r, dtype=dtype, param_dtype=param_dtype, runtime=runtime), rngs))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, E]. On a mesh the table (in the compute dtype) is first gathered over the
+        devices that hold its embed columns, as every ZeRO-3 parameter is before use: a lookup into
+        column-sharded rows would leave the result sharded on E, which the partitioner can only reshard to
+        [batch, sequence] by replicating it."""
+        mesh = self.runtime.mesh
+        if mesh is None:
+            return self.embed_tokens(input_ids)
+        table = self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype)
+        table = jax.lax.with_sharding_constraint(table, named(mesh, "vocab", None, shape=table.shape))
+        x = jnp.take(table, input_ids, axis=0)
+        return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, x.shape))
 
     def __call__(self, x: jax.Array, ctx: TokenContext, cache: tuple[LayerCache, ...] | None = None
                  ) -> tuple[tuple[LayerCache, ...] | None, jax.Array]:

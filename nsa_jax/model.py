@@ -74,7 +74,7 @@ class Qwen25VL(nnx.Module):
         """Token embeddings [B, T, E] with the vision features scattered over the image / video pad tokens,
         and the per-token context of the layers (mRoPE cos / sin of position ids [3, B, T], masks)."""
         cfg = self.config
-        x = self.language_model.embed_tokens(input_ids)
+        x = self.language_model.embed(input_ids)
         image_mask = input_ids == cfg.image_token_id
         video_mask = input_ids == cfg.video_token_id
         if images is not None:

@@ -174,6 +174,10 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        with jax.named_scope("vision_tower"):  # the profile's part (nsa_jax/training/profile.py)
+            return self._forward(pixel_values, layout)
+
+    def _forward(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
         cfg = self.cfg
         unit = cfg.spatial_merge_size**2
         x = self.patch_embed(pixel_values.astype(self.dtype))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig, model_preset
 from nsa_jax.sharding import make_mesh
-from nsa_jax.training import flops
+from nsa_jax.training import flops, profile
 from nsa_jax.training.device_batch import batch_flops, batch_token_counts, device_batch
 from nsa_jax.training.model_setup import split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -24,10 +24,12 @@ from nsa_jax.training.synthetic_data import SyntheticBatches
 from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
 
 
-def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[str], None] = print) -> dict:
+def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[str], None] = print,
+                     profile_dir: str = "", profile_steps: int = 3) -> dict:
     """Compiles the step of `config` (an ml_collections training config), runs it once and `warmup` more times,
     then times `steps` steps; the figures as a dict. `report` gets the progress lines (lowering, compiling, the
-    compiled step's memory)."""
+    compiled step's memory). profile_dir: also trace `profile_steps` more steps there with `jax.profiler` and
+    add where their device time went (`profile.breakdown`) as "profile"."""
     c, t, d = config, config.train, config.data
     mesh = make_mesh(dict(c.mesh))
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
@@ -69,6 +71,15 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
     jax.block_until_ready((state, m))
     step_s = (time.perf_counter() - start) / steps
 
+    breakdown = None
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(profile_steps):
+                state, m = compiled(state, batch)
+            jax.block_until_ready((state, m))
+        breakdown = profile.breakdown(profile.load_trace(profile_dir), compiled.as_text(), profile_steps)
+        report(f"profile: {profile_steps} steps traced to {profile_dir}")
+
     counts = batch_token_counts(host, cfg)
     tokens = sum(a + b for a, b in counts)
     patches = int((host["video_grid_thw"].prod(axis=1)).sum())
@@ -84,5 +95,5 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
         "model_tflops_per_step": step_flops / 1e12, "achieved_tflops_per_device": step_flops / step_s / 1e12
         / jax.device_count(), "mfu": step_flops / step_s / (peak * jax.device_count()) if peak else None,
         "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "first_loss": loss,
-        "last_loss": float(m.loss), "jax": jax.__version__,
+        "last_loss": float(m.loss), "jax": jax.__version__, **({"profile": breakdown} if breakdown else {}),
     }

@@ -68,6 +68,10 @@ class StepFunctions:
         return Sums(grads, loss, tokens)
 
     def apply(self, state: TrainState, sums: Sums) -> tuple[TrainState, StepMetrics]:
+        with jax.named_scope("optimizer"):  # the profile's part (profile.py)
+            return self._apply(state, sums)
+
+    def _apply(self, state: TrainState, sums: Sums) -> tuple[TrainState, StepMetrics]:
         denom = jnp.maximum(sums.tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, sums.grads)
         loss = sums.loss / denom

@@ -12,13 +12,18 @@ def _run(args, tmp_path):
     return json.loads(out.read_text())
 
 
-def test_bench_train_reports_consistent_mfu(tmp_path):
+def test_bench_train_reports_consistent_mfu_and_profile(tmp_path):
     r = _run(["launch.bench_train", "--config=configs/tiny.py", "--config.peak_flops_per_device=1e11",
-              "--steps=2", "--warmup=0"], tmp_path)
+              "--steps=2", "--warmup=0", f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=1"], tmp_path)
     assert r["step_s"] > 0 and r["compile_s"] > 0 and r["tokens_per_step"] > r["vision_tokens"] > 0
     assert abs(r["tokens_per_s"] * r["step_s"] - r["tokens_per_step"]) < 1e-6 * r["tokens_per_step"]
     assert abs(r["mfu"] - r["model_tflops_per_step"] * 1e12 / r["step_s"] / 1e11) < 1e-9
     assert r["last_loss"] < r["first_loss"]  # after two AdamW updates on one fixed batch
+    # The traced step's kernels are attributed to every part of the model through their name scopes.
+    prof = r["profile"]
+    assert set(prof["by_part"]) == {"vision tower", "attention core", "language (rest)", "loss", "optimizer"}
+    assert all(ms > 0 for ms in prof["by_part"].values()) and prof["unattributed_ms_per_step"] == 0
+    assert abs(sum(prof["by_part"].values()) - prof["device_ms_per_step"]) < 0.01
 
 
 def test_bench_query_block_mode_and_breakdown(tmp_path):

@@ -12,11 +12,11 @@ import sys
 from tests import ROOT
 
 
-def run_with_fake_devices(module_file: str, devices: int, out: pathlib.Path) -> dict:
-    """`python module_file out` with `devices` CPU devices, the repository root on PYTHONPATH."""
+def run_with_fake_devices(module_file: str, devices: int, out: pathlib.Path, *args: str) -> dict:
+    """`python module_file out *args` with `devices` CPU devices, the repository root on PYTHONPATH."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(module_file), str(out)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.abspath(module_file), str(out), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.support.fake_devices import run_with_fake_devices
 
 LAYOUTS = [
@@ -23,7 +25,7 @@ SPLITS = {("native", 1): [[], ["tensor"], ["sequence"]], ("videonsa", 1): [[], [
           ("native", 4): [[], [], ["sequence"]], ("videonsa", 4): [[], [], ["sequence"]]}
 MODES = ("videonsa", "native")
 
-def _compare_layouts() -> dict:
+def _compare_layouts(mode: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -46,47 +48,48 @@ def _compare_layouts() -> dict:
         fns = StepFunctions(graphdef, make_optimizer(params, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0),
                             mesh, loss_chunk=32)
         batch = device_batch(host, cfg, mesh)
-        lowered = jax.jit(fns.micro_sums).lower(params, batch)
+        traced = jax.jit(fns.micro_sums).trace(params, batch)
+        lowered = traced.lower()
         sums = lowered.compile()(params, batch)
         gathers = lowered.as_text().count("all_gather")
         sharded = sum(not p.sharding.is_fully_replicated for p in jax.tree.leaves(params))
-        head_parallel = "shard_map" in str(jax.make_jaxpr(fns.micro_sums)(params, batch))
+        head_parallel = "shard_map" in str(traced.jaxpr)
         return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers
 
-    out = {}
-    for mode in MODES:
-        c.model.nsa.mode = mode
-        cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
-        host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
-        ref_loss, ref_tokens, ref_grads, *_ = run(cfg, host, {"data": 1}, jax.devices()[:1])
-        out[mode] = {"reference": ref_loss, "layouts": []}
-        for shape in LAYOUTS:
-            loss, tokens, grads, sharded, head_parallel, gathers = run(cfg, host, shape, jax.devices())
-            axes = split_axes(make_mesh(shape, jax.devices()), batch=8, length=64, num_kv_heads=2,
-                              split_heads=mode == "native")
-            rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-            out[mode]["layouts"].append({
-                "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
-                "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
-                "sharded_params": sharded, "shard_map": head_parallel, "all_gathers": gathers, "axes": axes})
+    c.model.nsa.mode = mode
+    cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
+    host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
+    ref_loss, ref_tokens, ref_grads, *_ = run(cfg, host, {"data": 1}, jax.devices()[:1])
+    out = {"reference": ref_loss, "layouts": []}
+    for shape in LAYOUTS:
+        loss, tokens, grads, sharded, head_parallel, gathers = run(cfg, host, shape, jax.devices())
+        axes = split_axes(make_mesh(shape, jax.devices()), batch=8, length=64, num_kv_heads=2,
+                          split_heads=mode == "native")
+        rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+        out["layouts"].append({
+            "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
+            "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
+            "sharded_params": sharded, "shard_map": head_parallel, "all_gathers": gathers, "axes": axes})
     del jnp
     return out
 
-def test_mesh_layouts_match_single_device(tmp_path):
-    out = run_with_fake_devices(__file__, 8, tmp_path / "out.json")
-    for mode in MODES:
-        for r in out[mode]["layouts"]:
-            assert r["tokens"] == r["ref_tokens"], (mode, r)
-            assert abs(r["loss"] - out[mode]["reference"]) <= 1e-4 * abs(out[mode]["reference"]), (mode, r)
-            assert r["max_rel_grad_diff"] < 1e-3, (mode, r)
-            # Every layout splits batch rows or heads, so attention runs inside shard_map.
-            assert r["shard_map"], (mode, r)
-        # The layouts really shard: parameters are split over fsdp / tensor / sequence.
-        assert all(r["sharded_params"] > 0 for r in out[mode]["layouts"][1:]), mode
-        for i, r in enumerate(out[mode]["layouts"]):
-            if (mode, i) in SPLITS:  # the queries split: k / v gathered inside shard_map
-                assert r["axes"] == SPLITS[mode, i] and r["all_gathers"] > 0, (mode, r)
+
+@pytest.mark.parametrize("mode", MODES)  # one subprocess per mode: the two run side by side under xdist
+def test_mesh_layouts_match_single_device(tmp_path, mode):
+    out = run_with_fake_devices(__file__, 8, tmp_path / "out.json", mode)
+    for r in out["layouts"]:
+        assert r["tokens"] == r["ref_tokens"], (mode, r)
+        assert abs(r["loss"] - out["reference"]) <= 1e-4 * abs(out["reference"]), (mode, r)
+        assert r["max_rel_grad_diff"] < 1e-3, (mode, r)
+        # Every layout splits batch rows or heads, so attention runs inside shard_map.
+        assert r["shard_map"], (mode, r)
+    # The layouts really shard: parameters are split over fsdp / tensor / sequence.
+    assert all(r["sharded_params"] > 0 for r in out["layouts"][1:]), mode
+    for i, r in enumerate(out["layouts"]):
+        if (mode, i) in SPLITS:  # the queries split: k / v gathered inside shard_map
+            assert r["axes"] == SPLITS[mode, i] and r["all_gathers"] > 0, (mode, r)
+
 
 if __name__ == "__main__":
     import pathlib
-    pathlib.Path(sys.argv[1]).write_text(json.dumps(_compare_layouts()))
+    pathlib.Path(sys.argv[1]).write_text(json.dumps(_compare_layouts(sys.argv[2])))

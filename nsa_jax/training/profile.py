@@ -1,0 +1,160 @@
+"""Where a training step's device time goes: the kernels of a `jax.profiler` trace, each attributed through its
+HLO instruction to a part of the model (the name scope it was traced under), a phase (forward, remat recompute,
+backward) and a kind of work (matmul, Pallas / Triton kernel, cuDNN attention, collective, other).
+
+The parts are the name scopes the code opens: "vision_tower" (`vision.VisionTower`), "attention_core"
+(`head_parallel.head_parallel`: the attention core of every decoder layer, its all-to-alls included), "loss"
+(`loss.cross_entropy_sum`: LM head and cross entropy) and "optimizer" (`train_step.StepFunctions.apply`); the
+rest of the language model (projections, MLP, norms, embedding) is "language (rest)".
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+
+PARTS = (("vision_tower", "vision tower"), ("attention_core", "attention core"), ("loss", "loss"),
+         ("optimizer", "optimizer"))
+REST = "language (rest)"
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
+# Instructions whose trace events enclose other instructions' events (on CPU the thunks nest).
+CONTROL_FLOW = ("while", "conditional", "call", "async-start", "async-done", "async-update")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    opcode: str
+    target: str  # custom_call_target, or the fusion's kind / backend config hint, else ""
+    op_name: str  # metadata op_name: the JAX name stack
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s*([A-Za-z][\w\-$.]*)\(")
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
+    """{instruction name: Instruction} of every computation of an HLO module's text (`compiled.as_text()`)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m or line.lstrip().startswith(("HloModule", "//")):
+            continue
+        name, rest = m.groups()
+        # Skip the result type: a tuple "(...)" (balanced) or one token.
+        if rest.startswith("("):
+            depth, i = 0, 0
+            for i, ch in enumerate(rest):
+                depth += ch == "("
+                depth -= ch == ")"
+                if depth == 0:
+                    break
+            rest = rest[i + 1:]
+        else:
+            rest = rest.split(" ", 1)[1] if " " in rest else ""
+        op = _OPCODE.match(rest)
+        if not op:
+            continue
+        target = re.search(r'custom_call_target="([^"]*)"', rest)
+        kind = re.search(r"kind=(k\w+)", rest)
+        hint = "gemm" if re.search(r"gemm|cublas|__triton_gemm", rest) else ""
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        out[name] = Instruction(op.group(1), target.group(1) if target else (hint or (kind.group(1) if kind else "")),
+                                op_name.group(1) if op_name else "")
+    return out
+
+
+def classify(name: str, ins: Instruction) -> tuple[str, str, str]:
+    """(part, phase, kind) of one instruction."""
+    part = next((label for scope, label in PARTS if scope in ins.op_name), REST)
+    phase = ("recompute" if "rematted_computation" in ins.op_name else
+             "backward" if "transpose(" in ins.op_name else "forward")
+    target, lname = ins.target.lower(), name.lower()
+    if ins.opcode.startswith(COLLECTIVES):
+        kind = "collective"
+    elif "fmha" in target or "cudnn$fmha" in target:
+        kind = "cuDNN attention"
+    elif ins.opcode in ("dot", "convolution") or any(s in target or s in lname for s in ("gemm", "cublas", "matmul")):
+        kind = "matmul"
+    elif "triton" in target or "mosaic" in target or "pallas_call" in ins.op_name:
+        kind = "Pallas / Triton kernel"
+    else:
+        kind = "other"
+    return part, phase, kind
+
+
+def trace_file(trace_dir: str) -> str:
+    """The newest perfetto trace a `jax.profiler.trace(trace_dir, create_perfetto_trace=True)` wrote."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"{trace_dir}: no perfetto_trace.json.gz under it (was the trace written?)")
+    return max(files, key=os.path.getmtime)
+
+
+def kernel_events(trace: dict | list) -> list[tuple[str, str, float]]:
+    """(hlo_module, hlo_op, microseconds) of the trace's device work: the events of GPU / TPU streams where the
+    trace has devices, else (CPU) the host's XLA thunks."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    devices = {pid for pid, name in process.items() if name.startswith("/device:")}
+    out = []
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("ph") != "X" or "hlo_op" not in args:
+            continue
+        if devices:
+            # Device kernels sit on the stream lines; the derived "XLA Ops" / "XLA Modules" lines repeat them.
+            if e["pid"] not in devices or not thread.get((e["pid"], e["tid"]), "").startswith("Stream"):
+                continue
+        out.append((args.get("hlo_module", ""), args["hlo_op"], float(e.get("dur", 0.0))))
+    return out
+
+
+def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> dict:
+    """Device milliseconds per step of the module whose text is `hlo_text`, by part, phase, kind and by
+    (part, phase, kind), plus the `top` costliest instructions. Kernels of other programs are summed apart."""
+    module = re.match(r"HloModule\s+([^\s,]+)", hlo_text)
+    module = module.group(1) if module else ""
+    instructions = hlo_instructions(hlo_text)
+    cells: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
+    other_programs = unknown = 0.0
+    for mod, op, us in kernel_events(trace):
+        if module and mod and mod != module:
+            other_programs += us
+            continue
+        ins = instructions.get(op)
+        if ins is None:
+            unknown += us
+            continue
+        if ins.opcode in CONTROL_FLOW:
+            continue
+        cells[classify(op, ins)] += us
+        ops[op] += us
+    ms = lambda us: round(us / 1e3 / steps, 3)
+    total = sum(cells.values())
+
+    def by(i):
+        acc: collections.Counter = collections.Counter()
+        for key, us in cells.items():
+            acc[key[i]] += us
+        return {k: ms(v) for k, v in acc.most_common()}
+
+    return {
+        "steps": steps, "device_ms_per_step": ms(total), "by_part": by(0), "by_phase": by(1), "by_kind": by(2),
+        "cells": [{"part": p, "phase": ph, "kind": k, "ms": ms(us)} for (p, ph, k), us in cells.most_common()],
+        "top_ops": [{"op": op, "kind": classify(op, instructions[op])[2], "ms": ms(us),
+                     "op_name": instructions[op].op_name[-160:]} for op, us in ops.most_common(top)],
+        "unattributed_ms_per_step": ms(unknown), "other_programs_ms_per_step": ms(other_programs),
+    }
+
+
+def load_trace(trace_dir: str) -> dict | list:
+    with gzip.open(trace_file(trace_dir), "rt") as f:
+        return json.load(f)
