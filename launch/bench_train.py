@@ -15,6 +15,7 @@ needs `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (it prints the compiled step's memor
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,13 +25,17 @@ flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("out", "", "Optional JSON file for the results.")
 flags.DEFINE_string("profile_dir", "", "Also trace --profile_steps steps there (jax.profiler) and report where the "
-                    "device time went: part of the model, phase, kind of work (nsa_jax/training/profile.py).")
+                    "device time went: part of the model, phase, kind of work (nsa_jax/training/profile.py). The "
+                    "step then compiles without XLA's GPU command buffers (CUDA graphs), so that each kernel is traced "
+                    "as its own HLO instruction; the timed steps run that way too.")
 flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
 FLAGS = flags.FLAGS
 
 
 def main(argv) -> None:
     del argv
+    if FLAGS.profile_dir:  # before jax starts its backend, which reads XLA_FLAGS once
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     from nsa_jax.training.benchmark import bench_train_step
 
     result = bench_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,

@@ -95,9 +95,9 @@ def trace_file(trace_dir: str) -> str:
     return max(files, key=os.path.getmtime)
 
 
-def kernel_events(trace: dict | list) -> list[tuple[str, str, float]]:
-    """(hlo_module, hlo_op, microseconds) of the trace's device work: the events of GPU / TPU streams where the
-    trace has devices, else (CPU) the host's XLA thunks."""
+def kernel_events(trace: dict | list) -> list[tuple[str, str, float, dict]]:
+    """(hlo_module, hlo_op, microseconds, event) of the trace's device work: the events of GPU / TPU streams
+    where the trace has devices, else (CPU) the host's XLA thunks."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
@@ -112,7 +112,7 @@ def kernel_events(trace: dict | list) -> list[tuple[str, str, float]]:
             # Device kernels sit on the stream lines; the derived "XLA Ops" / "XLA Modules" lines repeat them.
             if e["pid"] not in devices or not thread.get((e["pid"], e["tid"]), "").startswith("Stream"):
                 continue
-        out.append((args.get("hlo_module", ""), args["hlo_op"], float(e.get("dur", 0.0))))
+        out.append((args.get("hlo_module", ""), args["hlo_op"].lstrip("%"), float(e.get("dur", 0.0)), e))
     return out
 
 
@@ -124,19 +124,26 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
     instructions = hlo_instructions(hlo_text)
     cells: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
-    other_programs = unknown = 0.0
-    for mod, op, us in kernel_events(trace):
+    unknown: collections.Counter = collections.Counter()
+    unknown_event: dict[str, dict] = {}
+    placed: dict[str, Instruction] = {}
+    other_programs = 0.0
+    for mod, op, us, event in kernel_events(trace):
         if module and mod and mod != module:
             other_programs += us
             continue
         ins = instructions.get(op)
+        if ins is None and "long_name" in event["args"]:  # the instruction's own text, where the trace has it
+            ins = next(iter(hlo_instructions(event["args"]["long_name"]).values()), None)
         if ins is None:
-            unknown += us
+            unknown[op] += us
+            unknown_event.setdefault(op, event)
             continue
         if ins.opcode in CONTROL_FLOW:
             continue
         cells[classify(op, ins)] += us
         ops[op] += us
+        placed[op] = ins
     ms = lambda us: round(us / 1e3 / steps, 3)
     total = sum(cells.values())
 
@@ -149,9 +156,13 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
     return {
         "steps": steps, "device_ms_per_step": ms(total), "by_part": by(0), "by_phase": by(1), "by_kind": by(2),
         "cells": [{"part": p, "phase": ph, "kind": k, "ms": ms(us)} for (p, ph, k), us in cells.most_common()],
-        "top_ops": [{"op": op, "kind": classify(op, instructions[op])[2], "ms": ms(us),
-                     "op_name": instructions[op].op_name[-160:]} for op, us in ops.most_common(top)],
-        "unattributed_ms_per_step": ms(unknown), "other_programs_ms_per_step": ms(other_programs),
+        "top_ops": [{"op": op, "kind": classify(op, placed[op])[2], "ms": ms(us), "op_name": placed[op].op_name[-160:]}
+                    for op, us in ops.most_common(top)],
+        "unattributed_ms_per_step": ms(sum(unknown.values())), "other_programs_ms_per_step": ms(other_programs),
+        # What the trace called the kernels it could not place (to see how its names differ from the HLO's).
+        "unattributed_top": [{"hlo_op": op, "ms": ms(us), "event": {k: unknown_event[op].get(k) for k in
+                                                                    ("name", "args")}}
+                             for op, us in unknown.most_common(top)],
     }
 
 

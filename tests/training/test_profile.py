@@ -55,6 +55,19 @@ def test_breakdown_by_part_phase_and_kind():
                              "ms": 0.3}
     assert [o["op"] for o in r["top_ops"][:2]] == ["custom-call.3", "fusion.1"]
     assert r["other_programs_ms_per_step"] == 0.035 and r["unattributed_ms_per_step"] == 0.004
+    assert [(u["hlo_op"], u["ms"], u["event"]["name"]) for u in r["unattributed_top"]] == [("fusion.99", 0.004,
+                                                                                             "fusion.99")]
+
+
+def test_instruction_text_in_the_event_places_an_unknown_name():
+    """A kernel whose hlo_op is not among the module's instruction names is placed by its event's long_name
+    (the instruction's text), where the trace has one."""
+    trace = _trace()
+    trace["traceEvents"].append({"ph": "X", "pid": 2, "tid": 10, "name": "k", "dur": 20, "args": {
+        "hlo_op": "%fusion.77", "hlo_module": "jit_full_step", "long_name": '%fusion.77 = bf16[4]{0} fusion(%a), '
+        'kind=kLoop, calls=%f, metadata={op_name="jit(full_step)/jvp(vision_tower)/add"}'}})
+    r = profile.breakdown(trace, HLO, steps=2)
+    assert r["by_part"]["vision tower"] == 0.21 and r["unattributed_ms_per_step"] == 0.004
 
 
 def test_instructions_parse_tuple_types_and_targets():
