@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nsa_jax.sharding import param, with_axes
+from pallas_kernels import RESIDUALS
 
 INIT = nnx.initializers.normal(0.02)
 
@@ -19,6 +20,9 @@ REMAT_POLICIES = {
     "none": None,  # no remat
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Full remat, but the NSA kernels' residuals (their q, k, v, outputs, lse and selected blocks) are kept
+    # from the forward: the backward recomputes the projections, MLP and norms, not the attention kernels.
+    "nsa": jax.checkpoint_policies.save_only_these_names(RESIDUALS),
 }
 
 

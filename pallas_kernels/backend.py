@@ -7,11 +7,20 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _INTERPRET = contextvars.ContextVar("nsa_pallas_interpret", default=None)
 _PLATFORM = contextvars.ContextVar("nsa_pallas_platform", default=None)
 _GPU_LOWERING = contextvars.ContextVar("nsa_pallas_gpu_lowering", default="auto")
 GPU_LOWERINGS = ("auto", "triton", "mosaic_gpu")
+# The name of every NSA kernel's residuals (`saved`): a remat policy that saves it keeps them from the forward,
+# so the backward runs no forward kernel again.
+RESIDUALS = "nsa_residuals"
+
+
+def saved(*residuals):
+    """The residuals of a kernel's custom VJP (arrays or pytrees of them), named `RESIDUALS` for remat."""
+    return jax.tree.map(lambda a: checkpoint_name(a, RESIDUALS), residuals)
 
 
 @contextlib.contextmanager

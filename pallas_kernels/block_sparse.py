@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, dot, probs_from_lse, softmax_init, softmax_result, softmax_step
+from pallas_kernels.backend import (call_options, dot, probs_from_lse, saved, softmax_init, softmax_result,
+                                    softmax_step)
 from pallas_kernels.block_sparse_mgpu import (block_sparse_dkv_mgpu, block_sparse_dq_mgpu, block_sparse_forward_mgpu,
                                               supported)
 from pallas_kernels.selection import inverted_index
@@ -185,6 +186,7 @@ def block_sparse_attention(cfg: BlockSparseConfig, q, k, v, idx):
 
 def _bsa_fwd(cfg, q, k, v, idx):
     o, lse = _forward(cfg, q, k, v, idx)
+    q, k, v, idx, o, lse = saved(q, k, v, idx, o, lse)
     return (o, lse), (q, k, v, idx, o, lse)
 
 

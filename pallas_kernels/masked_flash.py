@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import (call_options, ceil_div, dot, probs_from_lse, softmax_init, softmax_result,
-                                    softmax_step)
+from pallas_kernels.backend import (call_options, ceil_div, dot, probs_from_lse, saved, softmax_init,
+                                    softmax_result, softmax_step)
 
 MASK_KINDS = ("cmp_causal", "cmp_full", "window")
 _DKV_QUERY_SPLITS = 32
@@ -280,6 +280,7 @@ def _masked_flash(cfg: MaskedFlashConfig, q, k, v, lo, hi, pos):
 
 def _masked_flash_fwd(cfg, q, k, v, lo, hi, pos):
     o, lse = _forward(cfg, q, k, v, lo, hi, pos)
+    q, k, v, lo, hi, pos, o, lse = saved(q, k, v, lo, hi, pos, o, lse)
     return (o, lse), (q, k, v, lo, hi, pos, o, lse)
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse
+from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse, saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +344,7 @@ def _selection(cfg: SelectionConfig, q_rows, k, v, idx, pos):
 def _selection_fwd(cfg, q_rows, k, v, idx, pos=None):
     pos = _positions(q_rows, pos)
     o, lse, index = _forward(cfg, q_rows, k, v, idx, pos)
+    q_rows, k, v, pos, o, lse, index = saved(q_rows, k, v, pos, o, lse, index)
     return (o, lse), (q_rows, k, v, pos, o, lse, index)
 
 

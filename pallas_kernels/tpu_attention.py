@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse
+from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse, saved
 from pallas_kernels.masked_flash import structured_mask
 
 KINDS = ("cmp_causal", "cmp_full", "window", "selection")
@@ -261,6 +261,7 @@ def tiled_attention(cfg: TiledConfig, lists, q, k, v, lo, hi):
 
 def _tiled_fwd(cfg, lists, q, k, v, lo, hi):
     o, lse = _forward(cfg, lists, q, k, v, lo, hi)
+    lists, q, k, v, lo, hi, o, lse = saved(lists, q, k, v, lo, hi, o, lse)
     return (o, lse), (lists, q, k, v, lo, hi, o, lse)
 
 

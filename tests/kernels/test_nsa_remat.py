@@ -1,0 +1,53 @@
+"""Remat policy "nsa" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept from
+the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients of no
+remat (interpret mode)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax.layers import REMAT_POLICIES
+from pallas_kernels import nsa_attention, nsa_variant
+
+KW = dict(block_size=8, block_count=2, window_size=8, impl="pallas")
+
+
+def _pallas_calls(jaxpr) -> int:
+    """pallas_call equations of a jaxpr and of every jaxpr nested in its equations' parameters."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            n += 1
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += _pallas_calls(sub)
+    return n
+
+
+@pytest.mark.parametrize("mode", ["native", "videonsa"])
+def test_nsa_policy_keeps_the_kernels_residuals(mode):
+    ks = jax.random.split(jax.random.key(0), 5)
+    b, t, hq, hkv, d = 1, 32, 2, 1, 16
+    q, k, v = (jax.random.normal(kk, (b, t, h, d)) for kk, h in zip(ks[:3], (hq, hkv, hkv)))
+    gates = tuple(jax.nn.sigmoid(jax.random.normal(ks[3], (3, b, t, hq))))
+    w = jax.random.normal(ks[4], (b, t, hq, d))
+    flags = nsa_variant(mode).flags()
+
+    def layer(x, k, v, *g):  # a projection before the kernels, as in a decoder layer
+        return (nsa_attention(jnp.tanh(x) * 2.0, k, v, *g, **KW, **flags) * w).sum()
+
+    def grads(policy):
+        f = layer if policy is None else jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+        g = jax.grad(f, argnums=range(6))
+        return _pallas_calls(jax.make_jaxpr(g)(q, k, v, *gates).jaxpr), jax.jit(g)(q, k, v, *gates)
+
+    plain, want = grads(None)
+    full, _ = grads("full")
+    kept, got = grads("nsa")
+    assert kept == plain < full  # full remat runs the forward kernels again; "nsa" does not
+    for a, r in zip(got, want):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
