@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.01, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
         freeze="",  # comma-separated among vision_tower, merger, llm
         remat="full",  # "none", "full", "dots" or "nsa" (full, keeping the NSA kernels' residuals: nsa_jax/layers.py)
+        # Gather the next decoder layer's parameters / reduce-scatter the last one's gradient while a layer
+        # computes (nsa_jax/layer_scan.py); needs remat "full"
+        prefetch_params=False,
         loss_chunk=2048,  # tokens per chunk of the LM head + cross entropy
         max_bad_steps=5,  # abort after this many consecutive non-finite steps
         seed=0, log_every=10,

@@ -83,7 +83,7 @@ class TextModel(nnx.Module):
         if cache is None or ctx.cache_valid is None:
             # Forward and prefill: one scan over the layers (compile time does not grow with depth).
             stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *cache)
-            h, stacked = run_blocks(self.layers, x, step, stacked)
+            h, stacked = run_blocks(self.layers, x, step, stacked, self.runtime)
             if cache is not None:
                 cache = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(self.layers)))
             return cache, self.norm(h)

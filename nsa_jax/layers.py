@@ -9,9 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from nsa_jax.sharding import param, with_axes
+from nsa_jax.layer_scan import prefetched_scan
+from nsa_jax.sharding import LOGICAL_RULES, dotted_path, logical_to_spec, param, param_logical_axes, with_axes
 from pallas_kernels import RESIDUALS
 
 INIT = nnx.initializers.normal(0.02)
@@ -36,21 +37,54 @@ class Runtime:
     remat: the rematerialisation policy of the repeated blocks (`REMAT_POLICIES`).
     attention_impl: `jax.nn.dot_product_attention`'s implementation for dense attention (None: cuDNN where it
       applies, else XLA's).
+    prefetch: the decoder layers run as `layer_scan.prefetched_scan` (next layer's parameters gathered, last
+      layer's gradient reduce-scattered while a layer computes); it recomputes each layer in the backward
+      itself, so it needs remat "full" (and a mesh).
+    sharding_rules: the parameters' placement rules (logical name -> mesh axes, as pairs; empty: the defaults),
+      which the prefetch's gathers and reduce-scatters follow.
     """
 
     mesh: Mesh | None = None
     remat: str = "none"
     attention_impl: str | None = None
+    prefetch: bool = False
+    sharding_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        if self.prefetch and (self.mesh is None or self.remat != "full"):
+            raise ValueError(f"parameter prefetch recomputes each layer in the backward: it needs a mesh and "
+                             f"remat 'full' (got remat {self.remat!r}, mesh {self.mesh})")
 
     def call(self, fn: Callable, *args):
-        """fn(*args), its activations rematerialised in the backward pass by the remat policy."""
-        if self.remat == "none":
+        """fn(*args), its activations rematerialised in the backward pass by the remat policy (under prefetch
+        the layer scan recomputes the layers itself)."""
+        if self.remat == "none" or self.prefetch:
             return fn(*args)
         return nnx.remat(fn, policy=REMAT_POLICIES[self.remat])(*args)
+
+    def placements(self, block: nnx.Module) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+        """(gather, scatter) of one block's state (`nnx.split`): each parameter constrained to its compute
+        placement (split over tensor only) / its storage placement (the sharding rules)."""
+        rules = dict(self.sharding_rules) or LOGICAL_RULES
+        compute_rules = {name: tuple(a for a in axes if a == "tensor") for name, axes in rules.items()}
+        axes = param_logical_axes(block)
+        leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.split(block)[1])
+        names = [dotted_path(path) for path, _ in leaves]
+        names = [n if n in axes else n.rsplit(".", 1)[0] for n in names]  # the Variable's value key
+
+        def place(r):
+            specs = [None if n not in axes else NamedSharding(self.mesh, logical_to_spec(axes[n], leaf.shape,
+                                                                                         self.mesh, r))
+                     for n, (_, leaf) in zip(names, leaves)]
+
+            def constrain(state):
+                flat, treedef = jax.tree.flatten(state)
+                return jax.tree.unflatten(treedef, [x if s is None else jax.lax.with_sharding_constraint(x, s)
+                                                    for x, s in zip(flat, specs)])
+            return constrain
+        return place(compute_rules), place(rules)
 
 
 def linear(din: int, dout: int, *, kernel_axes: tuple[str | None, str | None], bias: bool, rngs: nnx.Rngs,
@@ -125,16 +159,26 @@ def make_blocks(kinds: Sequence, make: Callable[..., nnx.Module], rngs: nnx.Rngs
     return blocks
 
 
-def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, call: Callable, xs: Any = None) -> tuple[jax.Array, Any]:
+def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, call: Callable, xs: Any = None,
+               runtime: Runtime | None = None) -> tuple[jax.Array, Any]:
     """x through `x, y = call(block, x, xs_i)` for each block in order, with xs_i the block's slice of `xs` (a
     pytree with a leading block axis, or None); returns (x, the y's stacked). One `lax.scan` over the stacked
     parameters when the blocks share a structure (one compiled block: compile time does not grow with
-    depth), else a loop."""
+    depth), else a loop. With `runtime.prefetch` and no xs (training), `layer_scan.prefetched_scan` (the y's
+    are then None)."""
     parts = [nnx.split(block) for block in blocks]
     if not parts:
         return x, xs
     graphdef = parts[0][0]
-    if len(parts) == 1 or any(g != graphdef for g, _ in parts[1:]):
+    shared = all(g == graphdef for g, _ in parts[1:])
+    if runtime is not None and runtime.prefetch and xs is None:
+        if not shared:
+            raise ValueError("parameter prefetch needs the layers to share one structure (all NSA or all dense)")
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in parts))
+        gather, scatter = runtime.placements(blocks[0])
+        fn = lambda state, h: call(nnx.merge(graphdef, state), h, None)[0]
+        return prefetched_scan(fn, stacked, x, gather, scatter), None
+    if len(parts) == 1 or not shared:
         ys = []
         for i, block in enumerate(blocks):
             x, y = call(block, x, jax.tree.map(lambda a, i=i: a[i], xs))

@@ -35,7 +35,7 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     graphdef, params = split_for_training(cfg, mesh, compute_dtype=c.model.compute_dtype, remat=t.remat,
                                           seed=0, attention_impl=c.model.attention_impl,
-                                          sharding_rules=c.get("sharding_rules"))
+                                          sharding_rules=c.get("sharding_rules"), prefetch=t.prefetch_params)
     tx = make_optimizer(params, learning_rate=learning_rate_schedule(t.learning_rate, 1000, 0.1, 0.0),
                         weight_decay=t.weight_decay, grad_clip=t.grad_clip)
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))

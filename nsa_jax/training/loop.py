@@ -123,7 +123,7 @@ def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = N
     graphdef, params = split_for_training(model_cfg, mesh, compute_dtype=config.model.compute_dtype,
                                           remat=t.remat, seed=t.seed, init_from=config.model.init_from,
                                           attention_impl=config.model.attention_impl,
-                                          sharding_rules=config.get("sharding_rules"))
+                                          sharding_rules=config.get("sharding_rules"), prefetch=t.prefetch_params)
     schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_fraction, t.end_lr_ratio)
     freeze = [f for f in t.freeze.split(",") if f]
     tx = make_optimizer(params, learning_rate=schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,

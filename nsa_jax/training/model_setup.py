@@ -18,7 +18,8 @@ from nsa_jax.sharding import logical_rules, param_logical_axes, tree_shardings
 
 def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, remat: str, seed: int,
                        init_from: str = "", attention_impl: str = "",
-                       sharding_rules: Mapping[str, Sequence[str]] | None = None) -> tuple[nnx.GraphDef, Any]:
+                       sharding_rules: Mapping[str, Sequence[str]] | None = None, prefetch: bool = False
+                       ) -> tuple[nnx.GraphDef, Any]:
     """(graphdef running on `mesh` with the remat policy, float32 parameters placed by the sharding rules).
 
     Each parameter is placed by the logical axes it declares (`sharding.param_logical_axes`) and the rules
@@ -26,14 +27,17 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     merged over them; `train_step.state_shardings` gives the optimizer state the same placement.
 
     attention_impl: `jax.nn.dot_product_attention` implementation of the language model's dense attention
-    ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs).
+    ("" = XLA's choice, "cudnn" = cuDNN flash attention on NVIDIA GPUs). prefetch: the decoder layers gather
+    the next layer's parameters ahead (`layers.Runtime.prefetch`; remat must be "full").
     Random parameters are initialised on the host CPU and placed (on TPU: directly into their shards);
     `init_from` (HF or Orbax directory, `nsa_jax.conversion.from_pretrained`) is loaded on the host and
     replaces every parameter it holds.
     """
     dtype = jnp.dtype(compute_dtype)
 
-    runtime = Runtime(mesh=mesh, remat=remat, attention_impl=attention_impl or None)
+    rules = logical_rules(sharding_rules)
+    runtime = Runtime(mesh=mesh, remat=remat, attention_impl=attention_impl or None, prefetch=prefetch,
+                      sharding_rules=tuple(rules.items()))
 
     def build(key: jax.Array) -> Qwen25VL:
         return Qwen25VL(config, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=jnp.float32, runtime=runtime)
@@ -42,7 +46,7 @@ def split_for_training(config: ModelConfig, mesh: Mesh, *, compute_dtype: str, r
     abstract = nnx.eval_shape(build, key)
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     shardings = tree_shardings(nnx.to_pure_dict(abstract_params), mesh, param_logical_axes(abstract_params),
-                               logical_rules(sharding_rules))
+                               rules)
     init = lambda k: nnx.to_pure_dict(nnx.state(build(k), nnx.Param))
     if jax.default_backend() == "tpu":
         params = jax.jit(init, out_shardings=shardings)(key)

@@ -80,6 +80,9 @@ def config_problems(config: Any, process_count: int = 1) -> list[str]:
         logical_rules(config.get("sharding_rules"))
     except (TypeError, ValueError) as e:
         problems.append(f"config.sharding_rules: {e}")
+    if config.train.prefetch_params and config.train.remat != "full":
+        problems.append(f"config.train.prefetch_params=True: expected config.train.remat='full' (got "
+                        f"{config.train.remat!r}; the prefetching layer scan recomputes each layer itself)")
     d = config.data
     if _number(d.batch_size) and d.batch_size % process_count:
         problems.append(f"config.data.batch_size={d.batch_size}: expected a multiple of the {process_count} "

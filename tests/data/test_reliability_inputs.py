@@ -52,6 +52,14 @@ def test_training_config_mistakes_name_the_field(tmp_path, field, value):
     assert os.listdir(work) == ["metrics.jsonl"] and (work / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_parameter_prefetch_needs_full_remat():
+    from nsa_jax.training.validation import config_problems
+    problems = config_problems(_tiny(**{"train.prefetch_params": True, "train.remat": "dots"}))
+    assert problems == ["config.train.prefetch_params=True: expected config.train.remat='full' (got 'dots'; the "
+                        "prefetching layer scan recomputes each layer itself)"]
+    assert config_problems(_tiny(**{"train.prefetch_params": True})) == []
+
+
 def test_train_entry_point_prints_one_line(tmp_path):
     out = _run("launch.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.checkpoint.every=0",
                "--config.data.source=shards", f"--config.data.shards_dir={tmp_path / 'nowhere'}")

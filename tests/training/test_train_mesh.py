@@ -1,7 +1,8 @@
 """Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes and both NSA
 modes, equal the single-device ones. The tiny model has 2 KV heads, so `sequence` 4 beside `tensor` 2, and
 `sequence` 8, split the query tokens (`head_parallel`'s context parallelism: k, v all-gathered); mode
-videonsa keeps its heads whole, so its head axes all split tokens. The work runs in a subprocess so XLA_FLAGS
+videonsa keeps its heads whole, so its head axes all split tokens. ZeRO-3 with parameter prefetch
+(nsa_jax/layer_scan.py) is checked in the compiled program's loops. The work runs in a subprocess so XLA_FLAGS
 takes effect before jax is imported."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from tests.support.fake_devices import run_with_fake_devices
+from tests.support.hlo import while_body_gathers
 
 LAYOUTS = [
     {"data": 8},
@@ -42,30 +44,38 @@ def _compare_layouts(mode: str) -> dict:
 
     c = get_config()
 
-    def run(cfg, host, shape, devices):
+    def run(cfg, host, shape, devices, prefetch=False):
         mesh = make_mesh(shape, devices)
-        graphdef, params = split_for_training(cfg, mesh, compute_dtype="float32", remat="none", seed=0)
+        graphdef, params = split_for_training(cfg, mesh, compute_dtype="float32", remat="full" if prefetch else "none",
+                                              seed=0, prefetch=prefetch)
         fns = StepFunctions(graphdef, make_optimizer(params, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0),
                             mesh, loss_chunk=32)
         batch = device_batch(host, cfg, mesh)
         traced = jax.jit(fns.micro_sums).trace(params, batch)
         lowered = traced.lower()
-        sums = lowered.compile()(params, batch)
+        compiled = lowered.compile()
+        sums = compiled(params, batch)
         gathers = lowered.as_text().count("all_gather")
         sharded = sum(not p.sharding.is_fully_replicated for p in jax.tree.leaves(params))
         head_parallel = "shard_map" in str(traced.jaxpr)
-        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers
+        loops = while_body_gathers(compiled.as_text())
+        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers, loops
 
     c.model.nsa.mode = mode
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
     host = SyntheticBatches(cfg, batch_size=8, seq_len=64, video_grid=(2, 4, 4), max_patches=288).batch(0)
     ref_loss, ref_tokens, ref_grads, *_ = run(cfg, host, {"data": 1}, jax.devices()[:1])
-    out = {"reference": ref_loss, "layouts": []}
+    out = {"reference": ref_loss, "layouts": [], "prefetch": {}}
+    rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+    if mode == "native":  # the layer scan does not depend on the mode: one mode checks it
+        for prefetch in (False, True):
+            loss, _, grads, _, _, _, loops = run(cfg, host, {"fsdp": 8}, jax.devices(), prefetch=prefetch)
+            out["prefetch"][str(prefetch)] = {"loss": loss, "loops": loops, "max_rel_grad_diff": max(
+                jax.tree.leaves(jax.tree.map(rel, grads, ref_grads)))}
     for shape in LAYOUTS:
-        loss, tokens, grads, sharded, head_parallel, gathers = run(cfg, host, shape, jax.devices())
+        loss, tokens, grads, sharded, head_parallel, gathers, _ = run(cfg, host, shape, jax.devices())
         axes = split_axes(make_mesh(shape, jax.devices()), batch=8, length=64, num_kv_heads=2,
                           split_heads=mode == "native")
-        rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
         out["layouts"].append({
             "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
             "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
@@ -88,6 +98,16 @@ def test_mesh_layouts_match_single_device(tmp_path, mode):
     for i, r in enumerate(out["layouts"]):
         if (mode, i) in SPLITS:  # the queries split: k / v gathered inside shard_map
             assert r["axes"] == SPLITS[mode, i] and r["all_gathers"] > 0, (mode, r)
+    if mode == "native":
+        # ZeRO-3 over 8 devices with parameter prefetch (remat full): the same loss and gradients; the decoder's
+        # forward and backward loops gather parameters that nothing in the iteration reads (the next layer's /
+        # the previous one's), where plain autodiff's every gather feeds the layer it precedes.
+        on, off = out["prefetch"]["True"], out["prefetch"]["False"]
+        for r in (on, off):
+            assert abs(r["loss"] - out["reference"]) <= 1e-4 * abs(out["reference"]) and r["max_rel_grad_diff"] < 1e-3
+        assert all(loop["free"] == 0 for loop in off["loops"]), off["loops"]
+        prefetched = [loop for loop in on["loops"] if loop["gathers"] and loop["free"] == loop["gathers"]]
+        assert len(prefetched) == 2, on["loops"]
 
 
 if __name__ == "__main__":
