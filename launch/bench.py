@@ -47,8 +47,8 @@ flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA (modes native, query_block) separately, "
-                  "forward and forward+backward")
+flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA separately: modes native, query_block "
+                  "forward and forward+backward; mode videonsa forward, the dense branch and the whole core too")
 flags.DEFINE_list("flash_configs", [], "breakdown: compression and window kernel settings to time besides the "
                   "default, each block_q:block_k:num_warps:num_stages (window: block_k = block_q)")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
@@ -115,11 +115,17 @@ def _videonsa_fn(t: int):
 
     nsa = NSAConfig(mode="videonsa", block_size=FLAGS.block_size, block_count=FLAGS.block_count,
                     window_size=FLAGS.window_size, impl="pallas")
+    vision = _video_routing(t)
+    return lambda q, k, v, gc, gs, gw: videonsa_attention(nsa, q, k, v, jnp.stack([gc, gs, gw], -1), vision)
+
+
+def _video_routing(t: int) -> jax.Array:
+    """[B, T] vision rows of a video prompt: 20 text rows, frames of 273 tokens whose first routes as text, 40
+    text rows."""
     vision = np.ones((FLAGS.batch, t), bool)
     vision[:, :20] = vision[:, -40:] = False
     vision[:, 20:t - 40:273] = False
-    vision = jnp.asarray(vision)
-    return lambda q, k, v, gc, gs, gw: videonsa_attention(nsa, q, k, v, jnp.stack([gc, gs, gw], -1), vision)
+    return jnp.asarray(vision)
 
 
 def _cudnn_fn():
@@ -239,6 +245,54 @@ def _breakdown(t: int) -> dict:
     return times
 
 
+def _videonsa_breakdown(t: int) -> dict:
+    """Milliseconds of each forward stage of mode videonsa's attention core on the bench's routing: compression
+    (non-causal, 2 x HQ virtual rows), window, top-k (fla's network, the released lse reading), selection
+    (each KV head's group of virtual rows), the dense branch (closed form) and the whole core."""
+    from nsa_jax.videonsa import videonsa_dense_branch
+    from pallas_kernels.layout import head_layout
+    from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
+    from pallas_kernels.nsa_pallas import choose_blocks, group_rows, pad_to, padded_segment_bounds, tile_size
+    from pallas_kernels.reference import mean_pool
+    from pallas_kernels.selection import SelectionConfig, selection_attention
+
+    q0, k0, v0, gates, _ = _jax_inputs(t)
+    b, _, hq, d = q0.shape
+    bs, scale = FLAGS.block_size, d ** -0.5
+    layout = head_layout("videonsa", hq, k0.shape[2])
+    bq = tile_size(t)
+    tp = -(-t // max(bq, bs)) * max(bq, bs)  # the kernels' padded rows, as nsa_attention pads them
+    lo, hi = padded_segment_bounds(None, b, t, tp)
+    q, k, v = (pad_to(x, 1, tp) for x in (q0, k0, v0))
+    kc32 = mean_pool(k0, bs)
+    bk = tile_size(kc32.shape[1])
+    nbp = -(-kc32.shape[1] // bk) * bk
+    kc, vc = (pad_to(x.astype(q.dtype), 1, nbp) for x in (kc32, mean_pool(v, bs)))
+    heads = dict(num_q_heads=hq, virtual_heads=layout.virtual_heads, group_size=layout.group_size, scale=scale)
+    cmp_cfg = MaskedFlashConfig("cmp_full", block_size=bs, block_q=bq, block_k=bk, **heads)
+    swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
+    compression = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))
+    _, lse = compression(q, kc, vc, lo, hi)
+    kc32 = pad_to(kc32, 1, nbp)
+    topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
+        q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count, tie_break="fla",
+        selection="token", causal=False, scale=scale, block_q=bq, lse_reading="released"))
+    idx = topk(q, kc32, lse)
+    rows = group_rows(layout)
+    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0) % hq], 0)
+    slc_cfg = SelectionConfig(bs, scale, rows_per_token=layout.group_size)
+    core = _videonsa_fn(t)
+    vision = _video_routing(t)
+    return {
+        "compression": _time_jax(compression, q, kc, vc, lo, hi),
+        "window": _time_jax(jax.jit(lambda *a: masked_flash(swa_cfg, *a)), q, k, v, lo, hi),
+        "topk": _time_jax(topk, q, kc32, lse),
+        "selection": _time_jax(jax.jit(lambda *a: selection_attention(slc_cfg, *a)), q_rows, k, v, idx),
+        "dense_branch": _time_jax(jax.jit(lambda *a: videonsa_dense_branch(*a, vision)), q0, k0, v0),
+        "core": _time_jax(jax.jit(core), q0, k0, v0, *gates),
+    }
+
+
 def _time_selection(times: dict, spec: str, f, fwd_bwd, *args) -> bool:
     """Adds the forward and forward+backward times of selection setting `spec` to `times`; a setting that does
     not fit the device is reported there, not fatal (False)."""
@@ -294,7 +348,7 @@ def main(argv):
                 row[method] = {"ms": ms, "tflops": flops / ms / 1e9}
                 print(f"T={t} {passes} {method}: {ms:.2f} ms, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
             if FLAGS.breakdown and passes == "fwd":
-                row["breakdown_ms"] = _breakdown(t)
+                row["breakdown_ms"] = _videonsa_breakdown(t) if FLAGS.mode == "videonsa" else _breakdown(t)
                 print(f"T={t} fwd stages (ms): {row['breakdown_ms']}", flush=True)
             rows.append(row)
             if FLAGS.out:
