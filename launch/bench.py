@@ -46,7 +46,10 @@ flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and / or fwd_bwd")
 flags.DEFINE_list("methods", ["nsa", "cudnn", "fla"], "which methods to time")
 flags.DEFINE_integer("iters", 5, "timed calls (median)")
 flags.DEFINE_integer("warmup", 2, "untimed calls first")
-flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_string("out", "", "write the results as JSON here (rewritten after every method, so a run cut off "
+                    "keeps what it measured)")
+flags.DEFINE_float("time_budget_s", 0.0, "stop starting new measurements after this many seconds (0: no limit); "
+                   "those left are recorded as skipped")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA separately: modes native, query_block "
                   "forward and forward+backward; mode videonsa forward, the dense branch and the whole core too")
 flags.DEFINE_list("flash_configs", [], "breakdown: compression and window kernel settings to time besides the "
@@ -328,10 +331,22 @@ def main(argv):
     del argv
     rows = []
     device = str(jax.devices()[0].device_kind)
+    start = time.perf_counter()
+
+    def write(current):
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows + current}, f, indent=1,
+                          default=str)
+
     for t in map(int, FLAGS.seq_lens):
         for passes in FLAGS.passes:
             row = {"T": t, "pass": passes}
             for method in FLAGS.methods:
+                if FLAGS.time_budget_s and time.perf_counter() - start > FLAGS.time_budget_s:
+                    row[method] = {"error": f"skipped: --time_budget_s={FLAGS.time_budget_s:g} ran out"}
+                    continue
+                write([row])
                 try:
                     if method == "nsa":
                         make = (lambda: _videonsa_fn(t)) if FLAGS.mode == "videonsa" else _nsa_fn
@@ -351,10 +366,7 @@ def main(argv):
                 row["breakdown_ms"] = _videonsa_breakdown(t) if FLAGS.mode == "videonsa" else _breakdown(t)
                 print(f"T={t} fwd stages (ms): {row['breakdown_ms']}", flush=True)
             rows.append(row)
-            if FLAGS.out:
-                with open(FLAGS.out, "w") as f:
-                    json.dump({"device": device, "flags": FLAGS.flag_values_dict(), "rows": rows}, f, indent=1,
-                              default=str)
+            write([])
     with gpu_lowering(FLAGS.gpu_lowering):
         lowering = f" ({gpu_lowering_name()} selection)" if FLAGS.mode == "query_block" else ""
     print(f"\ndevice: {device}, mode {FLAGS.mode}{lowering}, B={FLAGS.batch} HQ={FLAGS.heads} "

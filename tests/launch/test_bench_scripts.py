@@ -88,3 +88,11 @@ def test_bench_videonsa_mode_and_plot(tmp_path):
                       "ms": [row["nsa"]["ms"] for row in r["rows"]]},
                      {"mode": "native", "pass": "fwd", "method": "nsa", "T": [64], "ms": [2.5]}]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_time_budget_records_what_it_skipped(tmp_path):
+    r = _run(["launch.bench", "--seq_lens=64,80", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
+              "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--iters=1", "--warmup=0",
+              "--time_budget_s=1e-9"], tmp_path)
+    assert [(row["T"], row["nsa"]) for row in r["rows"]] == [
+        (64, {"error": "skipped: --time_budget_s=1e-09 ran out"}), (80, {"error": "skipped: --time_budget_s=1e-09 ran out"})]
