@@ -9,11 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from nsa_jax.attention import DenseAttention, LayerCache, TokenContext
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, make_blocks, run_blocks
-from nsa_jax.sharding import activation_sharding, named, with_axes
+from nsa_jax.sharding import activation_sharding, logical_to_spec, with_axes
 from nsa_jax.videonsa import NSAAttention
 
 
@@ -61,15 +62,15 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings [B, T, E]. On a mesh the table (in the compute dtype) is first gathered over the
-        devices that hold its embed columns, as every ZeRO-3 parameter is before use: a lookup into
-        column-sharded rows would leave the result sharded on E, which the partitioner can only reshard to
-        [batch, sequence] by replicating it."""
+        """Token embeddings [B, T, E]. On a mesh the table (in the compute dtype) is first placed for compute
+        (gathered over its ZeRO-3 shards, `Runtime.rules`): a lookup into column-sharded rows would leave the
+        result sharded on E, which the partitioner can only reshard to [batch, sequence] by replicating it."""
         mesh = self.runtime.mesh
         if mesh is None:
             return self.embed_tokens(input_ids)
         table = self.embed_tokens.embedding[...].astype(self.embed_tokens.dtype)
-        table = jax.lax.with_sharding_constraint(table, named(mesh, "vocab", None, shape=table.shape))
+        spec = logical_to_spec(("vocab", "embed"), table.shape, mesh, self.runtime.rules(compute=True))
+        table = jax.lax.with_sharding_constraint(table, NamedSharding(mesh, spec))
         x = jnp.take(table, input_ids, axis=0)
         return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, x.shape))
 

@@ -37,11 +37,11 @@ class Runtime:
     remat: the rematerialisation policy of the repeated blocks (`REMAT_POLICIES`).
     attention_impl: `jax.nn.dot_product_attention`'s implementation for dense attention (None: cuDNN where it
       applies, else XLA's).
-    prefetch: the decoder layers run as `layer_scan.prefetched_scan` (next layer's parameters gathered, last
-      layer's gradient reduce-scattered while a layer computes); it recomputes each layer in the backward
-      itself, so it needs remat "full" (and a mesh).
-    sharding_rules: the parameters' placement rules (logical name -> mesh axes, as pairs; empty: the defaults),
-      which the prefetch's gathers and reduce-scatters follow.
+    prefetch: the decoder layers run as `layer_scan.prefetched_scan` (the next layer's parameters gathered
+      while a layer computes, in both passes); it recomputes each layer in the backward itself, so it needs
+      remat "full" (and a mesh).
+    sharding_rules: the parameters' placement rules (logical name -> mesh axes, as pairs; empty: the defaults):
+      where they are stored, and (keeping only their tensor-parallel axes) where they are used.
     """
 
     mesh: Mesh | None = None
@@ -64,11 +64,15 @@ class Runtime:
             return fn(*args)
         return nnx.remat(fn, policy=REMAT_POLICIES[self.remat])(*args)
 
+    def rules(self, *, compute: bool) -> dict[str, tuple[str, ...]]:
+        """The parameters' placement rules: where they are stored, or (compute) where they are used, split over
+        tensor only (the other axes are ZeRO-3's: a parameter is gathered over them before use)."""
+        rules = dict(self.sharding_rules) or LOGICAL_RULES
+        return {name: tuple(a for a in axes if a == "tensor") for name, axes in rules.items()} if compute else rules
+
     def placements(self, block: nnx.Module) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
         """(gather, scatter) of one block's state (`nnx.split`): each parameter constrained to its compute
-        placement (split over tensor only) / its storage placement (the sharding rules)."""
-        rules = dict(self.sharding_rules) or LOGICAL_RULES
-        compute_rules = {name: tuple(a for a in axes if a == "tensor") for name, axes in rules.items()}
+        placement / its storage placement (`rules`)."""
         axes = param_logical_axes(block)
         leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.split(block)[1])
         names = [dotted_path(path) for path, _ in leaves]
@@ -84,7 +88,7 @@ class Runtime:
                 return jax.tree.unflatten(treedef, [x if s is None else jax.lax.with_sharding_constraint(x, s)
                                                     for x, s in zip(flat, specs)])
             return constrain
-        return place(compute_rules), place(rules)
+        return place(self.rules(compute=True)), place(self.rules(compute=False))
 
 
 def linear(din: int, dout: int, *, kernel_axes: tuple[str | None, str | None], bias: bool, rngs: nnx.Rngs,
