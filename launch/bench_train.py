@@ -41,6 +41,7 @@ def main(argv) -> None:
     result = bench_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                               report=lambda line: print(line, flush=True), profile_dir=FLAGS.profile_dir,
                               profile_steps=FLAGS.profile_steps)
+    result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     print(json.dumps(result, indent=2))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -90,6 +90,7 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
     return {
         "device": device.device_kind, "devices": jax.device_count(), "preset": c.model.preset,
         "nsa_mode": c.model.nsa.mode, "compute_dtype": c.model.compute_dtype, "remat": t.remat,
+        "prefetch_params": t.prefetch_params,
         "tokens_per_step": tokens, "vision_tokens": sum(b for _, b in counts), "pixel_rows": patches,
         "lower_s": lower_s, "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "model_tflops_per_step": step_flops / 1e12, "achieved_tflops_per_device": step_flops / step_s / 1e12
