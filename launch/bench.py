@@ -51,7 +51,7 @@ flags.DEFINE_string("out", "", "write the results as JSON here (rewritten after 
 flags.DEFINE_float("time_budget_s", 0.0, "stop starting new measurements after this many seconds (0: no limit); "
                    "those left are recorded as skipped")
 flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA separately: modes native, query_block "
-                  "forward and forward+backward; mode videonsa forward, the dense branch and the whole core too")
+                  "forward and forward+backward; mode videonsa forward, with its dense branch")
 flags.DEFINE_list("flash_configs", [], "breakdown: compression and window kernel settings to time besides the "
                   "default, each block_q:block_k:num_warps:num_stages (window: block_k = block_q)")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
@@ -251,7 +251,8 @@ def _breakdown(t: int) -> dict:
 def _videonsa_breakdown(t: int) -> dict:
     """Milliseconds of each forward stage of mode videonsa's attention core on the bench's routing: compression
     (non-causal, 2 x HQ virtual rows), window, top-k (fla's network, the released lse reading), selection
-    (each KV head's group of virtual rows), the dense branch (closed form) and the whole core."""
+    (each KV head's group of virtual rows) and the dense branch (closed form); the row's nsa time is the
+    whole core."""
     from nsa_jax.videonsa import videonsa_dense_branch
     from pallas_kernels.layout import head_layout
     from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
@@ -259,7 +260,7 @@ def _videonsa_breakdown(t: int) -> dict:
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.selection import SelectionConfig, selection_attention
 
-    q0, k0, v0, gates, _ = _jax_inputs(t)
+    q0, k0, v0, _, _ = _jax_inputs(t)
     b, _, hq, d = q0.shape
     bs, scale = FLAGS.block_size, d ** -0.5
     layout = head_layout("videonsa", hq, k0.shape[2])
@@ -284,7 +285,6 @@ def _videonsa_breakdown(t: int) -> dict:
     rows = group_rows(layout)
     q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0) % hq], 0)
     slc_cfg = SelectionConfig(bs, scale, rows_per_token=layout.group_size)
-    core = _videonsa_fn(t)
     vision = _video_routing(t)
     return {
         "compression": _time_jax(compression, q, kc, vc, lo, hi),
@@ -292,7 +292,6 @@ def _videonsa_breakdown(t: int) -> dict:
         "topk": _time_jax(topk, q, kc32, lse),
         "selection": _time_jax(jax.jit(lambda *a: selection_attention(slc_cfg, *a)), q_rows, k, v, idx),
         "dense_branch": _time_jax(jax.jit(lambda *a: videonsa_dense_branch(*a, vision)), q0, k0, v0),
-        "core": _time_jax(jax.jit(core), q0, k0, v0, *gates),
     }
 
 

@@ -8,3 +8,10 @@ the subprocesses the tests start)."""
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+
+# Compiling dominates the suite on CPU: XLA's CPU backend at LLVM optimisation level 0 compiles ~40% faster (the
+# same HLO runs, only less optimised machine code; no test times anything). Set before any test imports jax, and
+# inherited by the subprocesses the tests start.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

@@ -14,7 +14,8 @@ from tests import ROOT
 
 def run_with_fake_devices(module_file: str, devices: int, out: pathlib.Path, *args: str) -> dict:
     """`python module_file out *args` with `devices` CPU devices, the repository root on PYTHONPATH."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, os.path.abspath(module_file), str(out), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
