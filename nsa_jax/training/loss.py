@@ -24,23 +24,27 @@ def shifted_targets(labels: jax.Array, segment_ids: jax.Array | None) -> tuple[j
 
 
 def cross_entropy_sum(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                      weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+                      weights: jax.Array, chunk: int, shards: int = 1) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, number of weighted tokens), both float32.
 
     hidden [B, T, E]; `logits_fn` maps hidden rows to logits. The sequence is processed `chunk` tokens at a
     time under remat, so only [B, chunk, vocab] logits are live at once (T must be a multiple of chunk).
+    shards: the pieces the token axis is split into over devices (context parallelism); each chunk then takes
+    chunk / shards tokens from every piece, so every device works on every chunk (contiguous chunks would each
+    lie on one device, and the partitioner would gather them: every device computing every chunk).
     """
     with jax.named_scope("loss"):  # the profile's part (profile.py)
-        return _cross_entropy_sum(hidden, logits_fn, targets, weights, chunk)
+        return _cross_entropy_sum(hidden, logits_fn, targets, weights, chunk, shards)
 
 
 def _cross_entropy_sum(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                       weights: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+                       weights: jax.Array, chunk: int, shards: int) -> tuple[jax.Array, jax.Array]:
     b, t, e = hidden.shape
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"sequence length {t} is not a multiple of the loss chunk {chunk}")
     n = t // chunk
+    shards = shards if chunk % shards == 0 else 1
 
     @jax.checkpoint
     def one(args):
@@ -50,6 +54,9 @@ def _cross_entropy_sum(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.A
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - picked) * w)
 
-    split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+    # Token s * (T / shards) + j * (chunk / shards) + u goes to chunk j: [B, shards, n, chunk / shards] -> [n, B,
+    # chunk].
+    split = lambda a: jnp.moveaxis(a.reshape(b, shards, n, chunk // shards, *a.shape[2:]), 2, 0).reshape(
+        n, b, chunk, *a.shape[2:])
     losses = jax.lax.map(one, (split(hidden), split(targets), split(weights.astype(jnp.float32))))
     return jnp.sum(losses), jnp.sum(weights.astype(jnp.float32))

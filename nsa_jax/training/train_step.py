@@ -61,7 +61,10 @@ class StepFunctions:
         hidden = model.forward(batch["input_ids"], batch["position_ids"], segment_ids=segment_ids,
                                return_hidden=True, **vision)
         targets, weights = shifted_targets(batch["labels"], segment_ids)
-        return cross_entropy_sum(hidden, model.logits, targets, weights, self.loss_chunk)
+        # The token axis is split over `sequence` where it divides T (`sharding.activation_sharding`).
+        shards = self.mesh.shape.get("sequence", 1)
+        shards = shards if hidden.shape[1] % shards == 0 else 1
+        return cross_entropy_sum(hidden, model.logits, targets, weights, self.loss_chunk, shards)
 
     def micro_sums(self, params: Any, batch: Batch) -> Sums:
         (loss, tokens), grads = jax.value_and_grad(self.loss_sums, has_aux=True)(params, batch)

@@ -1,13 +1,15 @@
 """Loss and gradients on 8 fake CPU devices, for several (data, fsdp, tensor, sequence) meshes and both NSA
 modes, equal the single-device ones. The tiny model has 2 KV heads, so `sequence` 4 beside `tensor` 2, and
 `sequence` 8, split the query tokens (`head_parallel`'s context parallelism: k, v all-gathered); mode
-videonsa keeps its heads whole, so its head axes all split tokens. ZeRO-3 with parameter prefetch
+videonsa keeps its heads whole, so its head axes all split tokens. Each device computes only its own share of
+every loss chunk's logits (read from the compiled program). ZeRO-3 with parameter prefetch
 (nsa_jax/layer_scan.py) is checked in the compiled program's loops. The work runs in a subprocess so XLA_FLAGS
 takes effect before jax is imported."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -60,8 +62,14 @@ def _compare_layouts(mode: str) -> dict:
         gathers = lowered.as_text().count("all_gather")
         sharded = sum(not p.sharding.is_fully_replicated for p in jax.tree.leaves(params))
         head_parallel = "shard_map" in str(traced.jaxpr)
-        loops = while_body_gathers(compiled.as_text())
-        return float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers, loops
+        text = compiled.as_text()
+        loops = while_body_gathers(text)
+        # Each device's LM-head product [rows, vocab / tensor] in the loss loop's forward.
+        loss_rows = sorted({(int(r), int(v)) for r, v, name in re.findall(
+            r"= f32\[(\d+),(\d+)\]\{[^}]*\} dot\([^\n]*op_name=\"([^\"]*)\"", text)
+            if "jvp(loss)" in name and "transpose" not in name})
+        return (float(sums.loss), float(sums.tokens), jax.device_get(sums.grads), sharded, head_parallel, gathers, loops,
+                loss_rows)
 
     c.model.nsa.mode = mode
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
@@ -71,17 +79,18 @@ def _compare_layouts(mode: str) -> dict:
     rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
     if mode == "native":  # the layer scan does not depend on the mode: one mode checks it
         for prefetch in (False, True):
-            loss, _, grads, _, _, _, loops = run(cfg, host, {"fsdp": 8}, jax.devices(), prefetch=prefetch)
+            loss, _, grads, _, _, _, loops, _ = run(cfg, host, {"fsdp": 8}, jax.devices(), prefetch=prefetch)
             out["prefetch"][str(prefetch)] = {"loss": loss, "loops": loops, "max_rel_grad_diff": max(
                 jax.tree.leaves(jax.tree.map(rel, grads, ref_grads)))}
     for shape in MODE_LAYOUTS[mode]:
-        loss, tokens, grads, sharded, head_parallel, gathers, _ = run(cfg, host, shape, jax.devices())
+        loss, tokens, grads, sharded, head_parallel, gathers, _, loss_rows = run(cfg, host, shape, jax.devices())
         axes = split_axes(make_mesh(shape, jax.devices()), batch=8, length=64, num_kv_heads=2,
                           split_heads=mode == "native")
         out["layouts"].append({
             "shape": shape, "loss": loss, "tokens": tokens, "ref_tokens": ref_tokens,
             "max_rel_grad_diff": max(jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))),
-            "sharded_params": sharded, "shard_map": head_parallel, "all_gathers": gathers, "axes": axes})
+            "sharded_params": sharded, "shard_map": head_parallel, "all_gathers": gathers, "axes": axes,
+            "loss_rows": loss_rows})
     del jnp
     return out
 
@@ -95,6 +104,10 @@ def test_mesh_layouts_match_single_device(tmp_path, mode):
         assert r["max_rel_grad_diff"] < 1e-3, (mode, r)
         # Every layout splits batch rows or heads, so attention runs inside shard_map.
         assert r["shard_map"], (mode, r)
+        # Each loss chunk (8 rows x 32 tokens, vocab 512) is split over the devices that split batch rows or
+        # tokens (tensor splits neither): no device computes another's logits.
+        splits = r["shape"].get("data", 1) * r["shape"].get("fsdp", 1) * r["shape"].get("sequence", 1)
+        assert r["loss_rows"] == [[8 * 32 // splits, 512 // r["shape"].get("tensor", 1)]], (mode, r)
     # The layouts really shard: parameters are split over fsdp / tensor / sequence.
     assert all(r["sharded_params"] > 0 for r in out["layouts"][1:]), mode
     for i, r in enumerate(out["layouts"]):
