@@ -12,8 +12,8 @@ that needs it. Here the program itself has the shape that lets a scheduler overl
   parameter gradients as soon as it exists (the rest of the layer's backward can hide it; carrying the
   gradient to the next iteration would need it reduced in full first: an all-reduce, twice the traffic).
 
-The cost: one gather in each pass has no next layer to serve (the last forward iteration, the first backward
-one) and is wasted, and two layers' gathered parameters are live at once instead of one.
+The cost: the last iteration of each pass has no next layer to serve and its gather is wasted, and two layers'
+gathered parameters are live at once instead of one.
 """
 
 from __future__ import annotations
