@@ -20,6 +20,7 @@ import dataclasses
 import json
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -183,68 +184,115 @@ def _time_fla(t: int, passes: str) -> float:
     return statistics.median(times)
 
 
-def _breakdown(t: int) -> dict:
-    """Milliseconds of each stage of our NSA (modes native and query_block): compression, window, top-k,
-    selection, forward and forward+backward."""
-    from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """The stage timings' shared inputs (`_stage_inputs`)."""
+    q: jax.Array  # [B, T, HQ, D]; mode videonsa: padded to the kernels' rows, as nsa_attention pads them
+    k: jax.Array
+    v: jax.Array
+    lo: jax.Array  # segment bounds of the rows
+    hi: jax.Array
+    layout: Any
+    kc: jax.Array  # block means of k / v in q's dtype, padded to the compression's key tiles
+    vc: jax.Array
+    kc32: jax.Array  # float32 block means of k, padded likewise (the top-k scores)
+    cmp_cfg: Any
+    swa_cfg: Any
+    lse: jax.Array  # the compression's lse
+    topk: Callable  # (q, kc32, lse) -> chosen blocks
+    idx: jax.Array
+
+
+def _stage_inputs(t: int) -> _Stages:
+    """Inputs, kernel settings, compression lse and chosen blocks for the stages of `--mode` (videonsa: the
+    released layout, non-causal compression, fla's top-k with the released lse reading)."""
     from pallas_kernels.layout import head_layout
     from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-    from pallas_kernels.nsa_pallas import group_rows, pad_to, tile_size, choose_blocks
+    from pallas_kernels.nsa_pallas import choose_blocks, pad_to, padded_segment_bounds, tile_size
     from pallas_kernels.reference import mean_pool
     from pallas_kernels.segments import segment_bounds
 
+    videonsa = FLAGS.mode == "videonsa"
     q, k, v, _, _ = _jax_inputs(t)
     b, _, hq, d = q.shape
     bs, scale = FLAGS.block_size, d ** -0.5
-    selection = "query_block" if FLAGS.mode == "query_block" else "token"
-    layout = head_layout("gqa", hq, k.shape[2])
-    lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
-    heads = dict(num_q_heads=hq, virtual_heads=hq, group_size=layout.group_size, scale=scale)
+    layout = head_layout("videonsa" if videonsa else "gqa", hq, k.shape[2])
+    bq = tile_size(t)
     kc32 = mean_pool(k, bs)
-    bk, bq = tile_size(kc32.shape[1]), tile_size(t)
-    kc, vc = (pad_to(x.astype(q.dtype), 1, -(-x.shape[1] // bk) * bk) for x in (kc32, mean_pool(v, bs)))
-    cmp_cfg = MaskedFlashConfig("cmp_causal", block_size=bs, block_q=bq, block_k=bk, **heads)
+    bk = tile_size(kc32.shape[1])
+    nbp = -(-kc32.shape[1] // bk) * bk
+    kc, vc = (pad_to(x.astype(q.dtype), 1, nbp) for x in (kc32, mean_pool(v, bs)))
+    kc32 = pad_to(kc32, 1, nbp)
+    if videonsa:
+        tp = -(-t // max(bq, bs)) * max(bq, bs)
+        lo, hi = padded_segment_bounds(None, b, t, tp)
+        q, k, v = (pad_to(x, 1, tp) for x in (q, k, v))
+    else:
+        lo, hi = segment_bounds(jnp.zeros((b, t), jnp.int32))
+    heads = dict(num_q_heads=hq, virtual_heads=layout.virtual_heads, group_size=layout.group_size, scale=scale)
+    cmp_cfg = MaskedFlashConfig("cmp_full" if videonsa else "cmp_causal", block_size=bs, block_q=bq, block_k=bk,
+                                **heads)
     swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
     _, lse = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))(q, kc, vc, lo, hi)
     topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
         q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count,
-        tie_break="recent", selection=selection, causal=True, scale=scale, block_q=bq))
-    kc32 = pad_to(kc32, 1, kc.shape[1])
-    idx = topk(q, kc32, lse)
+        tie_break="fla" if videonsa else "recent", selection="query_block" if FLAGS.mode == "query_block" else "token",
+        causal=not videonsa, scale=scale, block_q=bq, lse_reading="released" if videonsa else "per_head"))
+    return _Stages(q, k, v, lo, hi, layout, kc, vc, kc32, cmp_cfg, swa_cfg, lse, topk, topk(q, kc32, lse))
+
+
+def _grouped_rows(q: jax.Array, layout) -> jax.Array:
+    """q's virtual rows grouped per KV head [B, T, HKV, GR, D] (zero rows where a group is padded), as the
+    per-token selection kernel takes them."""
+    from pallas_kernels.nsa_pallas import group_rows
+
+    rows = np.asarray(group_rows(layout))
+    return jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0) % q.shape[2]], 0)
+
+
+def _breakdown(t: int) -> dict:
+    """Milliseconds of each stage of our NSA (modes native and query_block): compression, window, top-k,
+    selection, forward and forward+backward."""
+    from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
+    from pallas_kernels.masked_flash import masked_flash
+    from pallas_kernels.nsa_pallas import pad_to
+
+    st = _stage_inputs(t)
+    q, k, v, lo, hi, layout = st.q, st.k, st.v, st.lo, st.hi, st.layout
+    bs, scale = FLAGS.block_size, q.shape[-1] ** -0.5
 
     def fwd_bwd(f, *args):
         """Time of forward + backward of f's first output for its first three arguments."""
         loss = lambda *a: f(*a)[0].astype(jnp.float32).sum()
         return _time_jax(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
 
-    times = {"topk": _time_jax(topk, q, kc32, lse)}
+    times = {"topk": _time_jax(st.topk, q, st.kc32, st.lse)}
     for spec in [""] + FLAGS.flash_configs:
         tag = f"[{spec}]" if spec else ""
         if spec:
             fq, fk, warps, stages = (int(x) for x in spec.split(":"))
             tiles = dict(num_warps=warps, num_stages=stages)
-            cfgs = (dataclasses.replace(cmp_cfg, block_q=fq, block_k=fk, **tiles),
-                    dataclasses.replace(swa_cfg, block_q=fq, block_k=fq, **tiles))
+            cfgs = (dataclasses.replace(st.cmp_cfg, block_q=fq, block_k=fk, **tiles),
+                    dataclasses.replace(st.swa_cfg, block_q=fq, block_k=fq, **tiles))
         else:
-            cfgs = (cmp_cfg, swa_cfg)
-        kc_, vc_ = (pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (kc, vc))
+            cfgs = (st.cmp_cfg, st.swa_cfg)
+        kc_, vc_ = (pad_to(x, 1, -(-x.shape[1] // cfgs[0].block_k) * cfgs[0].block_k) for x in (st.kc, st.vc))
         branches = (("compression", cfgs[0], (q, kc_, vc_, lo, hi)), ("window", cfgs[1], (q, k, v, lo, hi)))
         for name, cfg, args in branches:
             f = lambda *a, cfg=cfg: masked_flash(cfg, *a)
             times[name + tag] = _time_jax(jax.jit(f), *args)
             times[f"{name}_fwd_bwd{tag}"] = fwd_bwd(f, *args)
-    if selection == "query_block":
+    if FLAGS.mode == "query_block":
         for spec in FLAGS.selection_configs:
             if spec == "mosaic_gpu":
                 cfg = BlockSparseConfig(bs, scale, layout.group_size, lowering="mosaic_gpu")
             else:
                 warps, stages = (int(x) for x in spec.split(":"))
                 cfg = BlockSparseConfig(bs, scale, layout.group_size, num_warps=warps, num_stages=stages)
-            _time_selection(times, spec, lambda *a, cfg=cfg: block_sparse_attention(cfg, *a), fwd_bwd, q, k, v, idx)
+            _time_selection(times, spec, lambda *a, cfg=cfg: block_sparse_attention(cfg, *a), fwd_bwd, q, k, v,
+                            st.idx)
     else:
-        rows = np.asarray(group_rows(layout))
-        q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0)], 0)
-        times.update(_token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd))
+        times.update(_token_selection_breakdown(t, layout, _grouped_rows(q, layout), k, v, st.idx, fwd_bwd))
     return times
 
 
@@ -254,44 +302,20 @@ def _videonsa_breakdown(t: int) -> dict:
     (each KV head's group of virtual rows) and the dense branch (closed form); the row's nsa time is the
     whole core."""
     from nsa_jax.videonsa import videonsa_dense_branch
-    from pallas_kernels.layout import head_layout
-    from pallas_kernels.masked_flash import MaskedFlashConfig, masked_flash
-    from pallas_kernels.nsa_pallas import choose_blocks, group_rows, pad_to, padded_segment_bounds, tile_size
-    from pallas_kernels.reference import mean_pool
+    from pallas_kernels.masked_flash import masked_flash
     from pallas_kernels.selection import SelectionConfig, selection_attention
 
-    q0, k0, v0, _, _ = _jax_inputs(t)
-    b, _, hq, d = q0.shape
-    bs, scale = FLAGS.block_size, d ** -0.5
-    layout = head_layout("videonsa", hq, k0.shape[2])
-    bq = tile_size(t)
-    tp = -(-t // max(bq, bs)) * max(bq, bs)  # the kernels' padded rows, as nsa_attention pads them
-    lo, hi = padded_segment_bounds(None, b, t, tp)
-    q, k, v = (pad_to(x, 1, tp) for x in (q0, k0, v0))
-    kc32 = mean_pool(k0, bs)
-    bk = tile_size(kc32.shape[1])
-    nbp = -(-kc32.shape[1] // bk) * bk
-    kc, vc = (pad_to(x.astype(q.dtype), 1, nbp) for x in (kc32, mean_pool(v, bs)))
-    heads = dict(num_q_heads=hq, virtual_heads=layout.virtual_heads, group_size=layout.group_size, scale=scale)
-    cmp_cfg = MaskedFlashConfig("cmp_full", block_size=bs, block_q=bq, block_k=bk, **heads)
-    swa_cfg = MaskedFlashConfig("window", window=FLAGS.window_size, block_q=bq, block_k=bq, **heads)
-    compression = jax.jit(lambda *a: masked_flash(cmp_cfg, *a))
-    _, lse = compression(q, kc, vc, lo, hi)
-    kc32 = pad_to(kc32, 1, nbp)
-    topk = jax.jit(lambda q_, kc_, lse_: choose_blocks(
-        q_, kc_, lse_, lo, hi, t=t, layout=layout, block_size=bs, block_count=FLAGS.block_count, tie_break="fla",
-        selection="token", causal=False, scale=scale, block_q=bq, lse_reading="released"))
-    idx = topk(q, kc32, lse)
-    rows = group_rows(layout)
-    q_rows = jnp.where(jnp.asarray(rows >= 0)[None, None, :, :, None], q[:, :, np.maximum(rows, 0) % hq], 0)
-    slc_cfg = SelectionConfig(bs, scale, rows_per_token=layout.group_size)
+    st = _stage_inputs(t)
+    q, k, v, lo, hi, layout = st.q, st.k, st.v, st.lo, st.hi, st.layout
+    slc_cfg = SelectionConfig(FLAGS.block_size, q.shape[-1] ** -0.5, rows_per_token=layout.group_size)
     vision = _video_routing(t)
     return {
-        "compression": _time_jax(compression, q, kc, vc, lo, hi),
-        "window": _time_jax(jax.jit(lambda *a: masked_flash(swa_cfg, *a)), q, k, v, lo, hi),
-        "topk": _time_jax(topk, q, kc32, lse),
-        "selection": _time_jax(jax.jit(lambda *a: selection_attention(slc_cfg, *a)), q_rows, k, v, idx),
-        "dense_branch": _time_jax(jax.jit(lambda *a: videonsa_dense_branch(*a, vision)), q0, k0, v0),
+        "compression": _time_jax(jax.jit(lambda *a: masked_flash(st.cmp_cfg, *a)), q, st.kc, st.vc, lo, hi),
+        "window": _time_jax(jax.jit(lambda *a: masked_flash(st.swa_cfg, *a)), q, k, v, lo, hi),
+        "topk": _time_jax(st.topk, q, st.kc32, st.lse),
+        "selection": _time_jax(jax.jit(lambda *a: selection_attention(slc_cfg, *a)), _grouped_rows(q, layout), k, v,
+                               st.idx),
+        "dense_branch": _time_jax(jax.jit(lambda *a: videonsa_dense_branch(*a, vision)), q[:, :t], k[:, :t], v[:, :t]),
     }
 
 
