@@ -31,41 +31,65 @@ class Instruction:
     opcode: str
     target: str  # custom_call_target, or the fusion's kind / backend config hint, else ""
     op_name: str  # metadata op_name: the JAX name stack
+    operands: tuple[str, ...] = ()  # the instructions it reads
+    calls: tuple[str, ...] = ()  # the computations it calls (a fusion's body, a while's condition and body)
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
-_OPCODE = re.compile(r"\s*([A-Za-z][\w\-$.]*)\(")
+_OPCODE = re.compile(r"\s*([A-Za-z][\w\-$.]*)\((.*)")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def _balanced(text: str, depth: int) -> int:
+    """The index just past the parenthesis that brings `depth` open ones (at text's start) to 0, else len(text)."""
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def parse_instruction(line: str) -> tuple[str, Instruction] | None:
+    """(name, Instruction) of one line of HLO text (an instruction, e.g. a trace event's long_name), else None."""
+    m = _INSTR.match(line)
+    if not m or line.lstrip().startswith(("HloModule", "//")):
+        return None
+    name, rest = m.groups()
+    # Skip the result type: a tuple "(...)" (balanced) or one token.
+    rest = rest[_balanced(rest, 0):] if rest.startswith("(") else (rest.split(" ", 1)[1] if " " in rest else "")
+    op = _OPCODE.match(rest)
+    if not op:
+        return None
+    opcode, tail = op.groups()
+    end = _balanced(tail, 1)
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    kind = re.search(r"kind=(k\w+)", rest)
+    hint = "gemm" if re.search(r"gemm|cublas|__triton_gemm", rest) else ""
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    return name, Instruction(
+        opcode, target.group(1) if target else (hint or (kind.group(1) if kind else "")),
+        op_name.group(1) if op_name else "", tuple(re.findall(r"%([\w.\-]+)", tail[:end])),
+        tuple(re.findall(r"(?:calls|condition|body)=%([\w.\-]+)", tail[end:])))
+
+
+def hlo_computations(hlo_text: str) -> dict[str, dict[str, Instruction]]:
+    """{computation name: {instruction name: Instruction}} of an HLO module's text (`compiled.as_text()`)."""
+    comps: dict[str, dict[str, Instruction]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = comps.setdefault(header.group(1), {})
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (parsed := parse_instruction(line)):
+            current[parsed[0]] = parsed[1]
+    return comps
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, Instruction]:
-    """{instruction name: Instruction} of every computation of an HLO module's text (`compiled.as_text()`)."""
-    out = {}
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if not m or line.lstrip().startswith(("HloModule", "//")):
-            continue
-        name, rest = m.groups()
-        # Skip the result type: a tuple "(...)" (balanced) or one token.
-        if rest.startswith("("):
-            depth, i = 0, 0
-            for i, ch in enumerate(rest):
-                depth += ch == "("
-                depth -= ch == ")"
-                if depth == 0:
-                    break
-            rest = rest[i + 1:]
-        else:
-            rest = rest.split(" ", 1)[1] if " " in rest else ""
-        op = _OPCODE.match(rest)
-        if not op:
-            continue
-        target = re.search(r'custom_call_target="([^"]*)"', rest)
-        kind = re.search(r"kind=(k\w+)", rest)
-        hint = "gemm" if re.search(r"gemm|cublas|__triton_gemm", rest) else ""
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        out[name] = Instruction(op.group(1), target.group(1) if target else (hint or (kind.group(1) if kind else "")),
-                                op_name.group(1) if op_name else "")
-    return out
+    """{instruction name: Instruction} of every computation of an HLO module's text."""
+    return {name: ins for comp in hlo_computations(hlo_text).values() for name, ins in comp.items()}
 
 
 def classify(name: str, ins: Instruction) -> tuple[str, str, str]:
@@ -134,7 +158,8 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
             continue
         ins = instructions.get(op)
         if ins is None and "long_name" in event["args"]:  # the instruction's own text, where the trace has it
-            ins = next(iter(hlo_instructions(event["args"]["long_name"]).values()), None)
+            parsed = parse_instruction(event["args"]["long_name"])
+            ins = parsed[1] if parsed else None
         if ins is None:
             unknown[op] += us
             unknown_event.setdefault(op, event)
