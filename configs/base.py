@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         steps=100, grad_accum=1, learning_rate=1e-4, warmup_fraction=0.1, end_lr_ratio=0.0,
         weight_decay=0.01, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
         freeze="",  # comma-separated among vision_tower, merger, llm
-        remat="full",  # "none", "full", "dots" or "nsa" (full, keeping the NSA kernels' residuals: nsa_jax/layers.py)
+        remat="full",  # "none", "full", "dots" or "attention" (full, keeping attention residuals: nsa_jax/layers.py)
         # Gather the next decoder layer's parameters / reduce-scatter the last one's gradient while a layer
         # computes (nsa_jax/layer_scan.py); needs remat "full"
         prefetch_params=False,

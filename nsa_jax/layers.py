@@ -17,13 +17,22 @@ from pallas_kernels import RESIDUALS
 
 INIT = nnx.initializers.normal(0.02)
 
+
+def _cudnn_attention_forward(prim, *_, **__) -> bool:
+    """cuDNN flash attention's forward (the primitive jax binds, "..._wrapper", and its core): its output and
+    softmax statistics are the residuals of its backward."""
+    return prim.name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
 REMAT_POLICIES = {
     "none": None,  # no remat
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Full remat, but the NSA kernels' residuals (their q, k, v, outputs, lse and selected blocks) are kept
-    # from the forward: the backward recomputes the projections, MLP and norms, not the attention kernels.
-    "nsa": jax.checkpoint_policies.save_only_these_names(RESIDUALS),
+    # Full remat, but the attention cores' residuals are kept from the forward: the NSA kernels' (their q, k, v,
+    # outputs, lse and selected blocks) and cuDNN's dense attention's: the backward recomputes the projections,
+    # MLP and norms, not the attention kernels.
+    "attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(RESIDUALS), _cudnn_attention_forward),
 }
 
 

@@ -1,5 +1,5 @@
-"""Remat policy "nsa" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept from
-the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients of no
+"""Remat policy "attention" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept
+from the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients of no
 remat (interpret mode)."""
 
 import jax
@@ -27,7 +27,17 @@ def _pallas_calls(jaxpr) -> int:
     return n
 
 
-def test_nsa_policy_keeps_the_kernels_residuals():
+def test_attention_policy_keeps_cudnn_residuals():
+    """The policy keeps the outputs of jax's cuDNN flash-attention forward primitive (its output and softmax
+    statistics), not those of other primitives (cuDNN itself runs on NVIDIA GPUs only)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    policy = REMAT_POLICIES["attention"]
+    assert policy(cudnn._dot_product_attention_fwd_p_wrapper)  # what jax.nn.dot_product_attention binds
+    assert not policy(cudnn._dot_product_attention_bwd_p_wrapper) and not policy(jax.lax.dot_general_p)
+
+
+def test_attention_policy_keeps_the_kernels_residuals():
     """Mode native's kernels; mode videonsa runs the same custom VJPs (compression, window, selection)."""
     ks = jax.random.split(jax.random.key(0), 5)
     b, t, hq, hkv, d = 1, 32, 2, 1, 16
@@ -46,7 +56,7 @@ def test_nsa_policy_keeps_the_kernels_residuals():
 
     plain, want = grads(None)
     full, _ = grads("full")
-    kept, got = grads("nsa")
-    assert kept == plain < full  # full remat runs the forward kernels again; "nsa" does not
+    kept, got = grads("attention")
+    assert kept == plain < full  # full remat runs the forward kernels again; "attention" does not
     for a, r in zip(got, want):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
