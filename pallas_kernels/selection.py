@@ -1,9 +1,11 @@
 """Selection branch: each token attends, causally, the tokens of the blocks chosen for its KV head.
 
 Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virtual rows of each KV head's
-group (zero-padded to GR rows). Forward and dk / dv are block-centric: one program per (KV block, KV head)
-loads the block once and runs over the tokens that chose it (an inverted index built with a sort), gathering
-the real rows of several tokens into 64-row tiles, so each does exactly the selected work. The forward
+group (zero-padded to GR rows). Forward and dk / dv are block-centric: a program loads one KV block of one KV
+head and runs over tokens that chose it (an inverted index built with a sort), gathering the real rows of
+several tokens into 64-row tiles, so each does exactly the selected work. A block's tokens are split into
+programs of at most `program_tiles` tiles (work items): the blocks every token chooses (the first, the local
+ones) would otherwise take one program many times the average, and the kernel as long as that program. The forward
 writes a partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; tokens run
 in chunks whose partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding
 each chunk's part to dk / dv. The dk / dv kernel also writes each (token, slot)'s ds in q's dtype (what the
@@ -32,7 +34,8 @@ from pallas_kernels.backend import call_options, ceil_div, dot, probs_from_lse, 
 class SelectionConfig:
     """block_size, scale: NSA's. rows_per_token: the real rows among each token's GR (the first ones; None:
     all), the only rows the block-centric kernels gather. num_warps, num_stages: Triton's. partial_bytes:
-    bound on the forward's partial outputs of one chunk of tokens (the backward's ds rows take half)."""
+    bound on the forward's partial outputs of one chunk of tokens (the backward's ds rows take half).
+    program_tiles: most row tiles one program runs (a block's tokens past that go to further programs)."""
 
     block_size: int
     scale: float
@@ -40,6 +43,7 @@ class SelectionConfig:
     num_stages: int = 2
     rows_per_token: int | None = None
     partial_bytes: int = 2 << 30
+    program_tiles: int = 16
 
 
 def inverted_index(idx: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -62,10 +66,22 @@ class _Shapes:
     group_rows: int  # the real rows among each token's GR: the only ones gathered
     n_sel: int
     chunk: int  # tokens per chunk
+    num_blocks: int
+    program_tiles: int
 
     @property
     def tile_rows(self) -> int:
         return max(64, 1 << (self.group_rows - 1).bit_length())
+
+    @property
+    def item_entries(self) -> int:
+        """Most (token, slot) entries of one work item: program_tiles tiles of tile_rows // group_rows tokens."""
+        return self.program_tiles * (self.tile_rows // self.group_rows)
+
+    @property
+    def items(self) -> int:
+        """Work items per (batch, KV head) and chunk: enough for any split of the chunk's entries by block."""
+        return ceil_div(self.chunk * self.n_sel, self.item_entries) + self.num_blocks
 
     @property
     def partial_rows(self) -> int:
@@ -73,23 +89,44 @@ class _Shapes:
         return self.chunk * self.hkv * self.n_sel * self.group_rows
 
 
-def _shapes(cfg: SelectionConfig, q_rows, n_sel: int) -> _Shapes:
+def _shapes(cfg: SelectionConfig, q_rows, n_sel: int, num_blocks: int) -> _Shapes:
     b, tp, hkv, gr, d = q_rows.shape
     group_rows = cfg.rows_per_token or gr
     token_bytes = b * hkv * n_sel * group_rows * d * q_rows.dtype.itemsize
     n_chunks = max(1, ceil_div(tp * token_bytes, cfg.partial_bytes))
-    return _Shapes(hkv, gr, group_rows, n_sel, ceil_div(tp, n_chunks))
+    return _Shapes(hkv, gr, group_rows, n_sel, ceil_div(tp, n_chunks), num_blocks, cfg.program_tiles)
 
 
-def _chunked_index(sh: _Shapes, idx, num_blocks: int):
+def _work_items(sh: _Shapes, offsets):
+    """[B, HKV, 3, sh.items] int32: each work item's KV block and first / last (exclusive) entry of the
+    inverted index (offsets [B, HKV, NB + 1]): each block's entries in runs of at most sh.item_entries, items
+    of no entries (first == last, block 0) after the last."""
+    counts = offsets[..., 1:] - offsets[..., :-1]
+    pieces = ceil_div(counts, sh.item_entries)  # [B, HKV, NB]: work items of each block
+    ends = jnp.cumsum(pieces, axis=-1)
+    item = jnp.arange(sh.items, dtype=jnp.int32)
+    block = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, item, side="right")))(ends)
+    used = block < sh.num_blocks
+    block = jnp.minimum(block, sh.num_blocks - 1)
+    at = lambda a, i: jnp.take_along_axis(a, i, axis=-1)
+    piece = item - (at(ends, block) - at(pieces, block))  # the item's place among its block's
+    first = at(offsets, block) + piece * sh.item_entries
+    last = jnp.minimum(first + sh.item_entries, at(offsets, block + 1))
+    zero = jnp.zeros((), jnp.int32)
+    return jnp.stack([jnp.where(used, block, zero), jnp.where(used, first, zero), jnp.where(used, last, zero)],
+                     axis=2).astype(jnp.int32)
+
+
+def _chunked_index(sh: _Shapes, idx):
     """(idx in chunks of sh.chunk tokens [N, B, C, HKV, S], -1 past the end; each chunk's inverted index
-    entries [N, B, HKV, C * S] and offsets [N, B, HKV, num_blocks + 1]; each chunk's first token [N])."""
+    entries [N, B, HKV, C * S] and work items [N, B, HKV, 3, sh.items]; each chunk's first token [N])."""
     b, tp, hkv, n_sel = idx.shape
     n = ceil_div(tp, sh.chunk)
     idx = jnp.pad(idx, ((0, 0), (0, n * sh.chunk - tp), (0, 0), (0, 0)), constant_values=-1)
     chunks = idx.reshape(b, n, sh.chunk, hkv, n_sel).swapaxes(0, 1)
-    entries, offsets = jax.vmap(lambda i: inverted_index(i, num_blocks))(chunks)
-    return chunks, entries, offsets, jnp.arange(n, dtype=jnp.int32) * sh.chunk
+    entries, offsets = jax.vmap(lambda i: inverted_index(i, sh.num_blocks))(chunks)
+    items = jax.vmap(functools.partial(_work_items, sh))(offsets)
+    return chunks, entries, items, jnp.arange(n, dtype=jnp.int32) * sh.chunk
 
 
 def _unchunk(x, tp: int):
@@ -97,16 +134,15 @@ def _unchunk(x, tp: int):
     return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :tp]
 
 
-def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k,
-               tile_fn, init):
-    """Folds tile_fn over the chunk's tokens that chose this program's KV block, `tile_rows` gathered rows
-    at a time (the real rows of tile_rows // group_rows tokens). tile_fn(carry, q, rows, ok, out, s) gets
+def _tile_loop(cfg: SelectionConfig, sh: _Shapes, item, q_ref, entries_ref, base_ref, pos_ref, k, tile_fn, init):
+    """Folds tile_fn over the program's work item (tokens of the chunk that chose its KV block), `tile_rows`
+    gathered rows at a time (the real rows of tile_rows // group_rows tokens). tile_fn(carry, q, rows, ok, out, s) gets
     the gathered q, their row numbers, which are real (rows past the last token repeat it), the partial
     rows to write ((token * HKV + head) * S + slot) * group_rows + g (trash rows where not ok) and the
-    causally masked scores s [tile_rows, bs] (a token sees the keys up to its position pos_ref[token]). ids: the
-    program's (KV head, KV block)."""
-    h, blk = ids
-    first, last, base = offsets_ref[blk], offsets_ref[blk + 1], base_ref[0]
+    causally masked scores s [tile_rows, bs] (a token sees the keys up to its position pos_ref[token]). item:
+    the program's (KV head, KV block, first entry, last entry)."""
+    h, blk, first, last = item
+    base = base_ref[0]
     cols = blk * cfg.block_size + jnp.arange(cfg.block_size)[None, :]
     per_step = sh.tile_rows // sh.group_rows
     r = jnp.arange(sh.tile_rows)
@@ -126,22 +162,22 @@ def _tile_loop(cfg: SelectionConfig, sh: _Shapes, ids, q_ref, entries_ref, offse
     return jax.lax.fori_loop(0, ceil_div(last - first, per_step), body, init)
 
 
-def _program(offsets_ref):
-    """(KV head, KV block) of this program (read outside conditionals: interpret mode needs it), and
-    whether any token of the chunk chose the block."""
-    h, blk = pl.program_id(1), pl.program_id(2)
-    return (h, blk), offsets_ref[blk + 1] > offsets_ref[blk]
+def _program(cfg: SelectionConfig, items_ref, k_ref, v_ref):
+    """(KV head, KV block, first entry, last entry) of this program's work item (read outside conditionals:
+    interpret mode needs it), and its block's keys and values."""
+    h, j = pl.program_id(1), pl.program_id(2)
+    blk = items_ref[0, j]
+    keys = pl.ds(pl.multiple_of(blk * cfg.block_size, cfg.block_size), cfg.block_size)
+    return (h, blk, items_ref[1, j], items_ref[2, j]), k_ref[keys, :], v_ref[keys, :]
 
 
-def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, pos_ref, o_ref, lse_ref, *,
+def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, items_ref, base_ref, pos_ref, o_ref, lse_ref, *,
                        cfg: SelectionConfig, sh: _Shapes):
-    """Partial output and log-sum-exp of each (token, slot) of a chunk that chose this KV block."""
+    """Partial output and log-sum-exp of each (token, slot) of this program's work item."""
+    item, k, v = _program(cfg, items_ref, k_ref, v_ref)
 
-    ids, chosen = _program(offsets_ref)
-
-    @pl.when(chosen)
+    @pl.when(item[3] > item[2])
     def _():
-        v = v_ref[...]
 
         def tile(carry, q, rows, ok, out, s):
             m = s.max(axis=1)
@@ -153,34 +189,28 @@ def _fwd_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, 
             lse_ref[out] = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
             return carry
 
-        _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k_ref[...], tile, 0)
+        _tile_loop(cfg, sh, item, q_ref, entries_ref, base_ref, pos_ref, k, tile, 0)
 
 
-def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, offsets_ref, base_ref, pos_ref, do_ref, lse_ref,
-                       delta_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, ds_ref, *, cfg: SelectionConfig, sh: _Shapes):
-    """Adds this KV block's dk, dv from a chunk's tokens that chose it to dk_in / dv_in (aliased to dk / dv:
-    untouched when none chose it), and writes each (token, slot)'s ds [group_rows, bs] (in q's dtype, as it
-    enters the dq product) for `_dq_kernel`."""
-    ids, chosen = _program(offsets_ref)
+def _dkv_blocks_kernel(q_ref, k_ref, v_ref, entries_ref, items_ref, base_ref, pos_ref, do_ref, lse_ref,
+                       delta_ref, dk_ref, dv_ref, ds_ref, *, cfg: SelectionConfig, sh: _Shapes):
+    """This work item's part of its KV block's dk, dv (zeros for an empty item), and each of its (token,
+    slot)'s ds [group_rows, bs] (in q's dtype, as it enters the dq product) for `_dq_kernel`."""
+    item, k, v = _program(cfg, items_ref, k_ref, v_ref)
 
-    @pl.when(chosen)
-    def _():
-        k, v = k_ref[...], v_ref[...]
+    def tile(carry, q, rows, ok, out, s):
+        dk, dv = carry
+        do = do_ref[rows, :]
+        p = probs_from_lse(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = (p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])).astype(q.dtype)
+        ds_ref[out, :] = ds
+        return dk + dot(ds, q, trans_a=True), dv
 
-        def tile(carry, q, rows, ok, out, s):
-            dk, dv = carry
-            do = do_ref[rows, :]
-            p = probs_from_lse(s, jnp.where(ok, lse_ref[rows], -jnp.inf))
-            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-            ds = (p * (dot(do, v, trans_b=True) - jnp.where(ok, delta_ref[rows], 0.0)[:, None])).astype(q.dtype)
-            ds_ref[out, :] = ds
-            return dk + dot(ds, q, trans_a=True), dv
-
-        zeros = jnp.zeros(k.shape, jnp.float32)
-        dk, dv = _tile_loop(cfg, sh, ids, q_ref, entries_ref, offsets_ref, base_ref, pos_ref, k, tile,
-                            (zeros, zeros))
-        dk_ref[...] = dk_in_ref[...] + dk * cfg.scale
-        dv_ref[...] = dv_in_ref[...] + dv
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = _tile_loop(cfg, sh, item, q_ref, entries_ref, base_ref, pos_ref, k, tile, (zeros, zeros))
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
 
 
 def _dq_kernel(ds_ref, k_ref, idx_ref, dq_ref, *, cfg: SelectionConfig, sh: _Shapes):
@@ -202,43 +232,42 @@ def _dq_kernel(ds_ref, k_ref, idx_ref, dq_ref, *, cfg: SelectionConfig, sh: _Sha
 
 
 def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, chunk_index, extra_in,
-                out_kinds, aliases=None):
-    """pallas_call of a block-centric kernel over grid (B, HKV, NB) for one chunk: inputs q_flat, k, v, the
-    chunk's inverted index and first token (entries, offsets, base), the tokens' positions pos [B, Tp], then
-    `extra_in` as (array, kind);
+                out_kinds):
+    """pallas_call of a block-centric kernel over grid (B, HKV, work items) for one chunk: inputs q_flat, k,
+    v (all keys of the program's KV head), the chunk's inverted index, work items and first token (entries,
+    items, base), the tokens' positions pos [B, Tp], then `extra_in` as (array, kind);
     outputs of `out_kinds`, each (kind, dtype). Kinds: "rows" / "row_scalars" (all rows of the batch),
-    "block" (this KV block), "partial" / "partial_scalars" / "partial_keys" (the chunk's partial rows by D,
-    by 1 or by bs, then trash rows)."""
+    "item" (this work item's [bs, D]), "partial" / "partial_scalars" / "partial_keys" (the chunk's partial
+    rows by D, by 1 or by bs, then trash rows)."""
     b, n_rows, d = q_flat.shape
-    nb = k.shape[1] // cfg.block_size
     n_partial = sh.partial_rows + sh.tile_rows
     specs = {
         "rows": ((n_rows, d), pl.BlockSpec((None, n_rows, d), lambda i, h, j: (i, 0, 0))),
         "row_scalars": ((n_rows,), pl.BlockSpec((None, n_rows), lambda i, h, j: (i, 0))),
-        "block": (None, pl.BlockSpec((None, cfg.block_size, None, d), lambda i, h, j: (i, j, h, 0))),
+        "keys": (None, pl.BlockSpec((None, k.shape[1], None, d), lambda i, h, j: (i, 0, h, 0))),
+        "item": ((sh.hkv, sh.items, cfg.block_size, d),
+                 pl.BlockSpec((None, None, None, cfg.block_size, d), lambda i, h, j: (i, h, j, 0, 0))),
         "partial": ((n_partial, d), pl.BlockSpec((None, n_partial, d), lambda i, h, j: (i, 0, 0))),
         "partial_scalars": ((n_partial,), pl.BlockSpec((None, n_partial), lambda i, h, j: (i, 0))),
         "partial_keys": ((n_partial, cfg.block_size),
                          pl.BlockSpec((None, n_partial, cfg.block_size), lambda i, h, j: (i, 0, 0))),
     }
-    entries, offsets, base = chunk_index
-    in_specs = [specs["rows"][1], specs["block"][1], specs["block"][1],
+    entries, items, base = chunk_index
+    in_specs = [specs["rows"][1], specs["keys"][1], specs["keys"][1],
                 pl.BlockSpec((None, None, sh.chunk * sh.n_sel), lambda i, h, j: (i, h, 0)),
-                pl.BlockSpec((None, None, nb + 1), lambda i, h, j: (i, h, 0)),
+                pl.BlockSpec((None, None, 3, sh.items), lambda i, h, j: (i, h, 0, 0)),
                 pl.BlockSpec((1,), lambda i, h, j: (0,)),
                 pl.BlockSpec((None, pos.shape[1]), lambda i, h, j: (i, 0))] + [specs[kind][1] for _, kind in extra_in]
-    out_shape = [jax.ShapeDtypeStruct(k.shape if kind == "block" else (b, *specs[kind][0]), dtype)
-                 for kind, dtype in out_kinds]
+    out_shape = [jax.ShapeDtypeStruct((b, *specs[kind][0]), dtype) for kind, dtype in out_kinds]
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg, sh=sh),
-        grid=(b, sh.hkv, nb),
+        grid=(b, sh.hkv, sh.items),
         in_specs=in_specs,
         out_specs=[specs[kind][1] for kind, _ in out_kinds],
         out_shape=out_shape,
-        input_output_aliases=aliases or {},
         name=name,
         **call_options(cfg.num_warps, cfg.num_stages),
-    )(q_flat, k, v, entries, offsets, base[None], pos, *(x for x, _ in extra_in))
+    )(q_flat, k, v, entries, items, base[None], pos, *(x for x, _ in extra_in))
 
 
 def _partials(sh: _Shapes, idx, x):
@@ -273,11 +302,22 @@ def _fwd_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, idx, chunk_
 
 def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, do_flat, lse_flat, delta_flat, chunk_index,
                dk, dv):
-    """(dk, dv) float32 plus this chunk's parts, and the chunk's ds partial rows."""
-    extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars"), (dk, "block"),
-             (dv, "block")]
-    return _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, pos, chunk_index, extra,
-                       [("block", jnp.float32)] * 2 + [("partial_keys", q_flat.dtype)], aliases={10: 0, 11: 1})
+    """(dk, dv) float32 plus this chunk's parts (each work item's added to its block), and the chunk's ds
+    partial rows."""
+    extra = [(do_flat, "rows"), (lse_flat, "row_scalars"), (delta_flat, "row_scalars")]
+    dk_items, dv_items, ds = _block_call(_dkv_blocks_kernel, "nsa_selection_dkv", cfg, sh, q_flat, k, v, pos,
+                                         chunk_index, extra, [("item", jnp.float32)] * 2 + [("partial_keys",
+                                                                                             q_flat.dtype)])
+    blocks = chunk_index[1][:, :, 0]  # [B, HKV, items]
+    return _add_items(sh, dk, blocks, dk_items), _add_items(sh, dv, blocks, dv_items), ds
+
+
+def _add_items(sh: _Shapes, acc, blocks, parts):
+    """acc [B, NB * bs, HKV, D] plus the work items' parts [B, HKV, items, bs, D], each at its block
+    (blocks [B, HKV, items])."""
+    per_block = jax.vmap(jax.vmap(lambda blk, x: jnp.zeros((sh.num_blocks, *x.shape[1:]), x.dtype).at[blk].add(x)))
+    summed = per_block(blocks, parts)  # [B, HKV, NB, bs, D]
+    return acc + summed.reshape(acc.shape[0], sh.hkv, -1, acc.shape[-1]).swapaxes(1, 2)
 
 
 def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
@@ -300,8 +340,8 @@ def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
 def _forward(cfg: SelectionConfig, q_rows, k, v, idx, pos):
     """(o_rows, lse, the chunked idx with the chunks' inverted indexes, which the backward reuses)."""
     b, tp, hkv, gr, d = q_rows.shape
-    sh = _shapes(cfg, q_rows, idx.shape[-1])
-    index = _chunked_index(sh, idx, k.shape[1] // cfg.block_size)
+    sh = _shapes(cfg, q_rows, idx.shape[-1], k.shape[1] // cfg.block_size)
+    index = _chunked_index(sh, idx)
     q_flat = q_rows.reshape(b, tp * hkv * gr, d)
     o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, pos, a[0], a[1:]), index)
     return _unchunk(o, tp), _unchunk(lse, tp), index
@@ -310,7 +350,7 @@ def _forward(cfg: SelectionConfig, q_rows, k, v, idx, pos):
 def _backward(cfg: SelectionConfig, res, do, dlse):
     q_rows, k, v, pos, o, lse, index = res
     b, tp, hkv, gr, d = q_rows.shape
-    sh = _shapes(cfg, q_rows, index[0].shape[-1])
+    sh = _shapes(cfg, q_rows, index[0].shape[-1], k.shape[1] // cfg.block_size)
     delta = (o.astype(jnp.float32) * do.astype(jnp.float32)).sum(-1) - dlse
     flat = lambda x: x.reshape(b, tp * hkv * gr, *x.shape[4:])
 
@@ -362,12 +402,11 @@ def selection_stages(cfg: SelectionConfig, q_rows, k, v, idx) -> dict[str, Calla
     no merge) and "bwd" (the backward alone, fed do = o)."""
     b, t, d = q_rows.shape[0], k.shape[1], q_rows.shape[-1]
     res = jax.jit(lambda *a: _selection_fwd(cfg, *a)[1])(q_rows, k, v, idx)
-    sh = _shapes(cfg, q_rows, idx.shape[-1])
-    index = jax.jit(lambda i: _chunked_index(sh, i, t // cfg.block_size))
+    sh = _shapes(cfg, q_rows, idx.shape[-1], t // cfg.block_size)
+    index = jax.jit(lambda i: _chunked_index(sh, i))
     pos = _positions(q_rows, None)
     partials = lambda ci: _block_call(_fwd_blocks_kernel, "fwd", cfg, sh, q_rows.reshape(b, -1, d), k, v, pos, ci, [],
                                       [("partial", q_rows.dtype), ("partial_scalars", jnp.float32)])[1][:, :8]
-    index_and_fwd = jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(
-        sh, i, t // cfg.block_size)))
+    index_and_fwd = jax.jit(lambda i: jax.lax.map(lambda ci: partials(ci[1:]), _chunked_index(sh, i)))
     bwd = jax.jit(lambda r: _backward(cfg, r, r[4], jnp.zeros_like(r[5])))
     return {"index": lambda: index(idx), "index_and_fwd_kernel": lambda: index_and_fwd(idx), "bwd": lambda: bwd(res)}

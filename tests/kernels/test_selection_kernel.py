@@ -10,7 +10,7 @@ import pytest
 from pallas_kernels import reference as ref
 from pallas_kernels.backend import hopper_gpus
 from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
-from pallas_kernels.selection import SelectionConfig, _selection_fwd, selection_attention
+from pallas_kernels.selection import SelectionConfig, _selection_fwd, _Shapes, _work_items, selection_attention
 
 B, T, HKV, G, GR, D, BS = 1, 96, 2, 7, 16, 16, 16
 
@@ -27,8 +27,9 @@ def _chosen_blocks(rng, n_sel: int) -> np.ndarray:
     return idx
 
 
-@pytest.mark.parametrize("n_sel,chunks", [(4, 1), (4, 5), (2, 3)])
-def test_selection_matches_oracle(n_sel, chunks):
+@pytest.mark.parametrize("n_sel,chunks,program_tiles", [(4, 1, 16), (4, 5, 16), (2, 3, 16), (4, 1, 1)])
+def test_selection_matches_oracle(n_sel, chunks, program_tiles):
+    """program_tiles 1: every block's tokens split over programs of one tile (9 tokens) each."""
     rng = np.random.default_rng(n_sel * 10 + chunks)
     ks = jax.random.split(jax.random.key(chunks), 4)
     q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
@@ -37,7 +38,8 @@ def test_selection_matches_oracle(n_sel, chunks):
     idx = jnp.asarray(_chosen_blocks(rng, n_sel))
     # Chunks of tokens: 96 tokens' float32 partial outputs take T * HKV * n_sel * G * D * 4 bytes (5 chunks:
     # the last one padded).
-    cfg = SelectionConfig(BS, D ** -0.5, rows_per_token=G, partial_bytes=-(-T * HKV * n_sel * G * D * 4 // chunks))
+    cfg = SelectionConfig(BS, D ** -0.5, rows_per_token=G, partial_bytes=-(-T * HKV * n_sel * G * D * 4 // chunks),
+                          program_tiles=program_tiles)
     q_rows_shape = jax.ShapeDtypeStruct((B, T, HKV, GR, D), jnp.float32)
     chunked_idx = jax.eval_shape(lambda *a: _selection_fwd(cfg, *a)[1][-1][0], q_rows_shape, k, v, idx)
     assert chunked_idx.shape == (chunks, B, -(-T // chunks), HKV, n_sel)
@@ -47,6 +49,15 @@ def test_selection_matches_oracle(n_sel, chunks):
         return selection_attention(cfg, q_rows, k, v, idx)[0][:, :, :, :G].reshape(B, T, HKV * G, D)
 
     _check_against_oracle(kernel, idx, q, k, v, w)
+
+
+def test_work_items_split_each_blocks_entries():
+    """Blocks with 5, 0 and 2 entries in runs of at most 2 (one tile of 2 tokens of 32 rows; 7 items:
+    ceil(4 tokens x 2 slots / 2) + 3 blocks): block 0 as [0, 2), [2, 4), [4, 5), block 2 as [5, 7), then empty items."""
+    sh = _Shapes(hkv=1, padded_rows=32, group_rows=32, n_sel=2, chunk=4, num_blocks=3, program_tiles=1)
+    items = _work_items(sh, jnp.array([[[0, 5, 5, 7]]], jnp.int32))
+    want = [[0, 0, 0, 2, 0, 0, 0], [0, 2, 4, 5, 0, 0, 0], [2, 4, 5, 7, 0, 0, 0]]
+    np.testing.assert_array_equal(items[0, 0], want)
 
 
 def _check_against_oracle(kernel, idx, q, k, v, w):
