@@ -8,11 +8,11 @@ x peak FLOP/s of the devices).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from nsa_jax.config import NSAConfig, model_preset
 from nsa_jax.sharding import make_mesh
@@ -21,7 +21,8 @@ from nsa_jax.training.device_batch import batch_flops, batch_token_counts, devic
 from nsa_jax.training.model_setup import split_for_training
 from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.synthetic_data import SyntheticBatches
-from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
+from nsa_jax.training.train_step import (StepFunctions, initial_state, param_shardings, place_initial_state,
+                                         state_shardings)
 
 
 def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[str], None] = print,
@@ -38,9 +39,9 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
                                           sharding_rules=c.get("sharding_rules"), prefetch=t.prefetch_params)
     tx = make_optimizer(params, learning_rate=learning_rate_schedule(t.learning_rate, 1000, 0.1, 0.0),
                         weight_decay=t.weight_decay, grad_clip=t.grad_clip)
-    init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
+    init = functools.partial(initial_state, tx)
     shardings = state_shardings(jax.eval_shape(init, params), mesh, param_shardings(params))
-    state = jax.jit(init, out_shardings=shardings)(params)
+    state = place_initial_state(tx, params, shardings)
     del params
     step = StepFunctions(graphdef, tx, mesh, loss_chunk=t.loss_chunk).compile(shardings)
     host = SyntheticBatches(cfg, batch_size=d.batch_size, seq_len=d.seq_len, video_grid=tuple(d.video_grid),

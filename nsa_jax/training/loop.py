@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,7 +11,6 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -25,7 +25,8 @@ from nsa_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from nsa_jax.training.prefetch import Prefetched
 from nsa_jax.sharding import make_mesh
 from nsa_jax.training.synthetic_data import SyntheticBatches
-from nsa_jax.training.train_step import StepFunctions, TrainState, param_shardings, state_shardings
+from nsa_jax.training.train_step import (StepFunctions, initial_state, param_shardings, place_initial_state,
+                                         state_shardings)
 from nsa_jax.training.validation import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = N
     freeze = [f for f in t.freeze.split(",") if f]
     tx = make_optimizer(params, learning_rate=schedule, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                         b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, freeze=freeze)
-    fresh = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32))
+    fresh = functools.partial(initial_state, tx)
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh, param_shardings(params))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
@@ -147,7 +148,7 @@ def train(config: Any, workdir: str, make_shard_batches: BatchFactory | None = N
         data.set_state(data_state)
         log.warning("resumed from %s", ckpt.step_dir(resume))
     else:
-        state = jax.jit(fresh, out_shardings=shardings)(params)
+        state = place_initial_state(tx, params, shardings)
     lead = jax.process_index() == 0
     if lead:  # what from_pretrained / convert / eval need to load the checkpoints
         save_training_files(workdir, model_cfg, tokenizer_file(config))

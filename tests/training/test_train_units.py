@@ -9,6 +9,7 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -17,6 +18,7 @@ from nsa_jax.config import tiny_config
 from nsa_jax.training import events, flops
 from nsa_jax.training.loss import cross_entropy_sum, shifted_targets
 from nsa_jax.training.optimizer import learning_rate_schedule, trainable_labels
+from nsa_jax.training.train_step import initial_state, place_initial_state
 from nsa_jax.sharding import logical_to_spec, make_mesh, param_logical_axes
 from nsa_jax.model import Qwen25VL, VisionInput
 from nsa_jax.training.vision_batch import frame_chunks, host_chunks, padded_vision_layout, token_order
@@ -211,3 +213,16 @@ def test_flops_of_a_dense_model_by_hand():
     want = 3 * 2 * (2 * matmul * n + attention)
     assert flops.train_step_flops(cfg, samples=2, text_tokens=n, vision_tokens=0) == want
     assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and flops.peak_flops("cpu") is None
+
+
+def test_initial_state_takes_over_the_parameters():
+    """place_initial_state consumes the parameters (their buffers become the state's: no second copy) and
+    starts at step 0 with zero Adam moments."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    tx = optax.adam(1e-3)
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                             jax.eval_shape(lambda p: initial_state(tx, p), params))
+    state = place_initial_state(tx, params, shardings)
+    assert params["w"].is_deleted()
+    np.testing.assert_array_equal(state.params["w"], np.arange(6.0).reshape(2, 3))
+    assert int(state.step) == 0 and float(jnp.abs(state.opt_state[0].mu["w"]).sum()) == 0.0
