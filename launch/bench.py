@@ -56,7 +56,8 @@ flags.DEFINE_bool("breakdown", False, "also time each stage of our NSA separatel
 flags.DEFINE_list("flash_configs", [], "breakdown: compression and window kernel settings to time besides the "
                   "default, each block_q:block_k:num_warps:num_stages (window: block_k = block_q)")
 flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel settings to time, each "
-                  "num_warps:num_stages (or, in mode query_block, mosaic_gpu: the Hopper kernels), forward and "
+                  "num_warps:num_stages (mode native: optionally :program_tiles; in mode query_block also "
+                  "mosaic_gpu: the Hopper kernels), forward and "
                   "forward+backward; in mode native the first also its inverted index, forward kernels and "
                   "backward alone")
 
@@ -339,8 +340,9 @@ def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
     bs, d = FLAGS.block_size, q_rows.shape[-1]
     times = {}
     for n, spec in enumerate(FLAGS.selection_configs):
-        warps, stages = (int(x) for x in spec.split(":"))
-        cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
+        warps, stages, *tiles = (int(x) for x in spec.split(":"))
+        cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size,
+                              **dict(zip(["program_tiles"], tiles)))
         if not _time_selection(times, spec, lambda *a, cfg=cfg: selection_attention(cfg, *a), fwd_bwd, q_rows, k,
                                v, idx):
             continue

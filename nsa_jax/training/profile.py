@@ -142,7 +142,8 @@ def kernel_events(trace: dict | list) -> list[tuple[str, str, float, dict]]:
 
 def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> dict:
     """Device milliseconds per step of the module whose text is `hlo_text`, by part, phase, kind and by
-    (part, phase, kind), plus the `top` costliest instructions. Kernels of other programs are summed apart."""
+    (part, phase, kind) with each such cell's three costliest instructions, plus the `top` costliest overall.
+    Kernels of other programs are summed apart."""
     module = re.match(r"HloModule\s+([^\s,]+)", hlo_text)
     module = module.group(1) if module else ""
     instructions = hlo_instructions(hlo_text)
@@ -178,11 +179,17 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
             acc[key[i]] += us
         return {k: ms(v) for k, v in acc.most_common()}
 
+    op_entry = lambda op, us: {"op": op, "kind": classify(op, placed[op])[2], "ms": ms(us),
+                               "op_name": placed[op].op_name[-160:]}
+    in_cell = collections.defaultdict(list)
+    for op, us in ops.most_common():
+        in_cell[classify(op, placed[op])].append(op_entry(op, us))
+
     return {
         "steps": steps, "device_ms_per_step": ms(total), "by_part": by(0), "by_phase": by(1), "by_kind": by(2),
-        "cells": [{"part": p, "phase": ph, "kind": k, "ms": ms(us)} for (p, ph, k), us in cells.most_common()],
-        "top_ops": [{"op": op, "kind": classify(op, placed[op])[2], "ms": ms(us), "op_name": placed[op].op_name[-160:]}
-                    for op, us in ops.most_common(top)],
+        "cells": [{"part": p, "phase": ph, "kind": k, "ms": ms(us), "top_ops": in_cell[p, ph, k][:3]}
+                  for (p, ph, k), us in cells.most_common()],
+        "top_ops": [op_entry(op, us) for op, us in ops.most_common(top)],
         "unattributed_ms_per_step": ms(sum(unknown.values())), "other_programs_ms_per_step": ms(other_programs),
         # What the trace called the kernels it could not place (to see how its names differ from the HLO's).
         "unattributed_top": [{"hlo_op": op, "ms": ms(us), "event": {k: unknown_event[op].get(k) for k in

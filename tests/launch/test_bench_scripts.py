@@ -44,13 +44,13 @@ def test_bench_query_block_mode_and_breakdown(tmp_path):
 def test_bench_nsa_table_and_breakdown(tmp_path):
     r = _run(["launch.bench", "--seq_lens=128", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
               "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--breakdown", "--iters=1",
-              "--warmup=0", "--selection_configs=4:2,8:1"], tmp_path)
+              "--warmup=0", "--selection_configs=4:2,8:1:1"], tmp_path)
     (row,) = r["rows"]
     assert row["T"] == 128 and row["nsa"]["ms"] > 0
     stages = row["breakdown_ms"]
     assert {"compression", "window", "topk", "selection[4:2]", "selection_fwd_bwd[4:2]", "selection_index",
-            "selection_index_and_fwd_kernel", "selection_bwd", "selection[8:1]",
-            "selection_fwd_bwd[8:1]"} <= set(stages)
+            "selection_index_and_fwd_kernel", "selection_bwd", "selection[8:1:1]",
+            "selection_fwd_bwd[8:1:1]"} <= set(stages)
     assert all(isinstance(ms, float) and ms > 0 for ms in stages.values()), stages  # no setting failed
 
 

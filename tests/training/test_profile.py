@@ -51,8 +51,11 @@ def test_breakdown_by_part_phase_and_kind():
     assert r["by_phase"] == {"forward": 0.37, "backward": 0.22, "recompute": 0.025}
     assert r["by_kind"] == {"Pallas / Triton kernel": 0.3, "other": 0.205, "matmul": 0.075,
                             "collective": 0.02, "cuDNN attention": 0.015}
-    assert r["cells"][0] == {"part": "attention core", "phase": "forward", "kind": "Pallas / Triton kernel",
-                             "ms": 0.3}
+    assert {k: v for k, v in r["cells"][0].items() if k != "top_ops"} == {
+        "part": "attention core", "phase": "forward", "kind": "Pallas / Triton kernel", "ms": 0.3}
+    other = {(c["part"], c["phase"], c["kind"]): c["top_ops"] for c in r["cells"]}
+    assert [(o["op"], o["ms"]) for o in other["vision tower", "backward", "other"]] == [("fusion.1", 0.2)]
+    assert [o["op"] for o in other["attention core", "forward", "cuDNN attention"]] == ["fmha"]
     assert [o["op"] for o in r["top_ops"][:2]] == ["custom-call.3", "fusion.1"]
     assert r["other_programs_ms_per_step"] == 0.035 and r["unattributed_ms_per_step"] == 0.004
     assert [(u["hlo_op"], u["ms"], u["event"]["name"]) for u in r["unattributed_top"]] == [("fusion.99", 0.004,
