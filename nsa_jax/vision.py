@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.attention import cudnn_applies
 from nsa_jax.config import VisionConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, linear, make_blocks, run_blocks, runs
 from nsa_jax.rope import rotate_half
@@ -91,12 +90,11 @@ def vision_layout(grid_thw: np.ndarray | Sequence[Sequence[int]], config: Vision
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments) -> jax.Array:
     """Full attention within each segment; q, k, v [N, H, D] -> [N, H, D]. Segments are padded to one width,
-    each valid for its length (a padding mask: cuDNN's flash attention where it applies, else XLA's)."""
+    each valid for its length (a padding mask, as cuDNN's flash attention takes it; XLA's attention here)."""
     n, h, d = q.shape
     qs, ks, vs = (x[seg.gather] for x in (q, k, v))  # [S, L, H, D]
     lengths = seg.valid.sum(-1).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(qs, ks, vs, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                       implementation="cudnn" if cudnn_applies(qs) else None)
+    out = jax.nn.dot_product_attention(qs, ks, vs, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     return out.reshape(-1, h, d)[seg.scatter]
 
 

@@ -1,6 +1,5 @@
 """The vision tower's segment attention (windows / frames padded to one width, valid for their lengths) against
-attention over each segment alone: outputs and gradients, uneven lengths; in bf16 on an NVIDIA GPU it runs
-cuDNN's flash attention with a padding mask."""
+attention over each segment alone: outputs and gradients, uneven lengths."""
 
 import jax
 import jax.numpy as jnp
