@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from nsa_jax.config import TextConfig
 from nsa_jax.head_parallel import QueryChunk, head_parallel
@@ -124,7 +124,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     return jnp.where(mask.any(-1)[..., None, None], out, 0).astype(q.dtype)
 
 
-class TokenContext(NamedTuple):
+@struct.dataclass
+class TokenContext:
     """Per-token facts every attention layer may need, computed once per forward pass."""
 
     position_ids: jax.Array  # [3, B, T] mRoPE ids
@@ -135,6 +136,8 @@ class TokenContext(NamedTuple):
     vision_mask: jax.Array  # [B, T] bool: image / video pad tokens
     cache_start: jax.Array | None = None  # [B] int32: the cache slot of each row's first chunk token
     cache_valid: jax.Array | None = None  # [B, S] bool: cached slots the chunk may see (None: a prefill)
+    # Static: no row holds more vision tokens than this (the vision features' rows; None: not known).
+    vision_tokens: int | None = struct.field(pytree_node=False, default=None)
 
 
 class LayerCache(NamedTuple):

@@ -72,17 +72,25 @@ class Qwen25VL(nnx.Module):
               videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
               kv_valid: jax.Array | None = None) -> tuple[jax.Array, TokenContext]:
         """Token embeddings [B, T, E] with the vision features scattered over the image / video pad tokens,
-        and the per-token context of the layers (mRoPE cos / sin of position ids [3, B, T], masks)."""
+        and the per-token context of the layers (mRoPE cos / sin of position ids [3, B, T], masks).
+
+        The vision tokens are the pad tokens that receive features, at most the features' rows in any row
+        (`TokenContext.vision_tokens`); without any images or videos, every image / video pad token (their rows
+        unknown)."""
         cfg = self.config
         x = self.language_model.embed(input_ids)
-        image_mask = input_ids == cfg.image_token_id
-        video_mask = input_ids == cfg.video_token_id
-        if images is not None:
-            x = scatter_vision(x, image_mask, self.vision_features(images))
-        if videos is not None:
-            x = scatter_vision(x, video_mask, self.vision_features(videos))
+        masks = ((images, input_ids == cfg.image_token_id), (videos, input_ids == cfg.video_token_id))
+        vision_mask, vision_tokens = masks[0][1] | masks[1][1], None
+        if images is not None or videos is not None:
+            vision_mask, vision_tokens = jnp.zeros_like(vision_mask), 0
+            for inputs, mask in masks:
+                if inputs is not None:
+                    features = self.vision_features(inputs)
+                    x = scatter_vision(x, mask, features)
+                    vision_mask, vision_tokens = vision_mask | mask, vision_tokens + features.shape[0]
         cos, sin = mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
-        return x, TokenContext(position_ids, cos, sin, segment_ids, kv_valid, image_mask | video_mask)
+        return x, TokenContext(position_ids, cos, sin, segment_ids, kv_valid, vision_mask,
+                               vision_tokens=vision_tokens)
 
     def forward(self, input_ids: jax.Array, position_ids: jax.Array, *, images: VisionInput | None = None,
                 videos: VisionInput | None = None, segment_ids: jax.Array | None = None,
@@ -112,7 +120,7 @@ class Qwen25VL(nnx.Module):
         """
         x, ctx = self.embed(input_ids, position_ids, images=images, videos=videos)
         t = input_ids.shape[1]
-        ctx = ctx._replace(cache_start=jnp.zeros_like(lengths))
+        ctx = ctx.replace(cache_start=jnp.zeros_like(lengths))
         layers, h = self.language_model(x, ctx, cache.layers)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
         valid = cache.valid.at[:, :t].set(jnp.arange(t)[None, :] < lengths[:, None])
@@ -124,7 +132,7 @@ class Qwen25VL(nnx.Module):
         the cache). The token attends densely to its row's cached tokens and itself (SPEC §2.12)."""
         x, ctx = self.embed(tokens[:, None], position_ids[:, :, None])
         valid = cache.valid | (jnp.arange(cache.valid.shape[1])[None, :] == cache.end[:, None])
-        ctx = ctx._replace(cache_start=cache.end, cache_valid=valid)
+        ctx = ctx.replace(cache_start=cache.end, cache_valid=valid)
         layers, h = self.language_model(x, ctx, cache.layers)
         return self.logits(h[:, 0]), KVCache(layers, valid, cache.end + 1)
 

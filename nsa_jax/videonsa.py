@@ -103,13 +103,15 @@ class NSAAttention(DenseAttention):
             core = functools.partial(videonsa_attention, self.nsa, implementation=self.runtime.attention_impl)
             return head_parallel(self.runtime.mesh, core, (q, k, v, self.gate_logits(x)), rows,
                                  num_kv_heads=self.num_kv_heads, split_heads=False)
-        return head_parallel(self.runtime.mesh, self._native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
+        native = functools.partial(self._native, vision_tokens=ctx.vision_tokens)
+        return head_parallel(self.runtime.mesh, native, (q, k, v, jax.nn.sigmoid(self.gate_logits(x))), rows,
                              num_kv_heads=self.num_kv_heads)
 
-    def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid, chunk: QueryChunk | None = None
-                ) -> jax.Array:
+    def _native(self, q, k, v, gates, *, vision, segment_ids, kv_valid, chunk: QueryChunk | None = None,
+                vision_tokens: int | None = None) -> jax.Array:
         """Mode native on [B, T] rows: q, k, v, gates [B, T, H, 3] and the vision-token mask [B, T]. chunk: q and
-        the gates are the chunk's rows (`head_parallel`'s sequence split), k, v and the [B, T] rows the whole."""
+        the gates are the chunk's rows (`head_parallel`'s sequence split), k, v and the [B, T] rows the whole.
+        vision_tokens: no row has more vision tokens (static; `TokenContext.vision_tokens`)."""
         # Vision tokens first, in order: NSA runs over them as one contiguous sequence. The text rows moved
         # behind them are never visible to a vision query (causality). With segment ids, each sample's vision
         # run is its own NSA segment; the kernels require every segment to start at a multiple of the block
@@ -122,9 +124,19 @@ class NSAAttention(DenseAttention):
         take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
         seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
         before = None if chunk is None else (vision & (jnp.arange(vision.shape[1]) < chunk.offset)).sum(1)
-        o_nsa = nsa_branch(self.nsa, take(q, q_order), take(k, order), take(v, order), take(gates, q_order), seg,
-                           chunk, q_offset=before)
-        o_nsa = take(o_nsa, inverse)
+        q_o, k_o, v_o, gates_o = take(q, q_order), take(k, order), take(v, order), take(gates, q_order)
+        # Without a chunk, NSA runs over the first n rows of that order only: they hold each row's vision tokens,
+        # and the keys those see (the text rows behind take the dense branch).
+        t, bs = q.shape[1], self.nsa.block_size
+        n = t if chunk is not None or vision_tokens is None else min(t, -(-vision_tokens // bs) * bs)
+        prefix = lambda a: None if a is None else a[:, :n]
+        if n == 0:
+            o_nsa = jnp.zeros_like(q)
+        elif n < t:
+            o_nsa = nsa_branch(self.nsa, *map(prefix, (q_o, k_o, v_o, gates_o, seg)))
+            o_nsa = take(jnp.pad(o_nsa, ((0, 0), (0, t - n), (0, 0), (0, 0))), inverse)
+        else:
+            o_nsa = take(nsa_branch(self.nsa, q_o, k_o, v_o, gates_o, seg, chunk, q_offset=before), inverse)
         o_dense = dense_attention_rows(q, k, v, ~q_vision, segment_ids=segment_ids, kv_valid=kv_valid,
                                        implementation=self.runtime.attention_impl,
                                        q_offset=None if chunk is None else chunk.offset)

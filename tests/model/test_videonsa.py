@@ -13,7 +13,8 @@ import pytest
 import torch
 from flax import nnx
 
-from nsa_jax import NSAConfig, from_pretrained, get_rope_index, init_model, save_hf, tiny_config
+from nsa_jax import (NSAConfig, VisionInput, from_pretrained, get_rope_index, init_model, save_hf, tiny_config,
+                     vision_layout)
 from nsa_jax.config import ConfigError
 from nsa_jax.conversion import iter_hf_tensors
 from nsa_jax.attention import TokenContext
@@ -172,9 +173,10 @@ def _native_model(seed=0, selection="token"):
     return init_model(tiny_config(nsa=nsa), seed=seed)
 
 
-@pytest.mark.parametrize("selection", ["token", "query_block"])
-def test_native_layer_matches_gathered_oracle(selection):
-    """Vision rows: NSA over the sample's vision tokens only (gathered); text rows: dense causal attention."""
+@pytest.mark.parametrize("selection,vision_tokens", [("token", None), ("query_block", None), ("token", 12)])
+def test_native_layer_matches_gathered_oracle(selection, vision_tokens):
+    """Vision rows: NSA over the sample's vision tokens only (gathered); text rows: dense causal attention.
+    vision_tokens 12 (each row's count; T = 21): NSA runs over the first 12 rows of the vision-first order."""
     model = _native_model(selection=selection)
     cfg = model.config
     rng = np.random.default_rng(2)
@@ -184,7 +186,8 @@ def test_native_layer_matches_gathered_oracle(selection):
     x = jnp.asarray(rng.standard_normal((2, ids.shape[1], cfg.text.hidden_size)), jnp.float32)
     cos, sin = mrope_cos_sin(jnp.asarray(pos), cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
     vision = ids == cfg.video_token_id
-    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(vision))
+    ctx = TokenContext(jnp.asarray(pos), cos, sin, None, None, jnp.asarray(vision), vision_tokens=vision_tokens)
+    assert vision.sum(1).max() == 12 and ids.shape[1] > 12
     attn = model.language_model.layers[0].self_attn
     mine = np.asarray(attn(x, ctx)[1])
 
@@ -247,3 +250,23 @@ def test_native_with_one_sample_per_row_and_padding_equals_unpadded():
     with pytest.raises(ValueError, match="samples_per_row=2"):
         check_native_packing("native", 2)
     check_native_packing("videonsa", 2)
+
+
+def test_native_runs_nsa_over_the_vision_features_rows_only():
+    """With videos, the vision tokens are the pad tokens that receive features and no row holds more than the
+    features' rows (12 here, of T = 26): the layers then run NSA over the first 12 rows of the vision-first
+    order, and give what they give over all T rows (the bound unknown)."""
+    model = _native_model(seed=5)
+    cfg = model.config
+    rng = np.random.default_rng(5)
+    ids = _tokens(cfg, rng, grid=(2, 4, 6), text=(5, 7))
+    pos, _ = get_rope_index(ids, cfg, video_grid_thw=[[2, 4, 6]], second_per_grid_ts=[1.0])
+    pixels = rng.standard_normal((2 * 4 * 6, cfg.vision.patch_dim)).astype(np.float32)
+    videos = VisionInput(jnp.asarray(pixels), vision_layout([[2, 4, 6]], cfg.vision))
+    x, ctx = model.embed(jnp.asarray(ids), jnp.asarray(pos), videos=videos)
+    assert ctx.vision_tokens == 12 and ids.shape[1] == 26
+    np.testing.assert_array_equal(ctx.vision_mask, ids == cfg.video_token_id)
+    _, bounded = model.language_model(x, ctx)
+    _, unbounded = model.language_model(x, ctx.replace(vision_tokens=None))
+    np.testing.assert_allclose(bounded, unbounded, atol=1e-5, rtol=0)
+    assert model.embed(jnp.asarray(ids), jnp.asarray(pos))[1].vision_tokens is None  # no features: unknown
