@@ -133,7 +133,7 @@ class TokenContext:
     sin: jax.Array  # [B, T, D]
     segment_ids: jax.Array | None  # [B, T] packed samples (0 = padding) or None
     kv_valid: jax.Array | None  # [B, T] keys that exist (padding masked) or None
-    vision_mask: jax.Array  # [B, T] bool: image / video pad tokens
+    vision_mask: jax.Array  # [B, T] bool: vision tokens (the pad tokens that receive features: `Qwen25VL.embed`)
     cache_start: jax.Array | None = None  # [B] int32: the cache slot of each row's first chunk token
     cache_valid: jax.Array | None = None  # [B, S] bool: cached slots the chunk may see (None: a prefill)
     # Static: no row holds more vision tokens than this (the vision features' rows; None: not known).
