@@ -341,8 +341,9 @@ def _token_selection_breakdown(t, layout, q_rows, k, v, idx, fwd_bwd) -> dict:
     times = {}
     for n, spec in enumerate(FLAGS.selection_configs):
         warps, stages, *tiles = (int(x) for x in spec.split(":"))
-        cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size,
-                              **dict(zip(["program_tiles"], tiles)))
+        cfg = SelectionConfig(bs, d ** -0.5, num_warps=warps, num_stages=stages, rows_per_token=layout.group_size)
+        if tiles:
+            cfg = dataclasses.replace(cfg, program_tiles=tiles[0])
         if not _time_selection(times, spec, lambda *a, cfg=cfg: selection_attention(cfg, *a), fwd_bwd, q_rows, k,
                                v, idx):
             continue

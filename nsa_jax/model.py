@@ -79,11 +79,13 @@ class Qwen25VL(nnx.Module):
         unknown)."""
         cfg = self.config
         x = self.language_model.embed(input_ids)
-        masks = ((images, input_ids == cfg.image_token_id), (videos, input_ids == cfg.video_token_id))
-        vision_mask, vision_tokens = masks[0][1] | masks[1][1], None
-        if images is not None or videos is not None:
-            vision_mask, vision_tokens = jnp.zeros_like(vision_mask), 0
-            for inputs, mask in masks:
+        image_mask = input_ids == cfg.image_token_id
+        video_mask = input_ids == cfg.video_token_id
+        if images is None and videos is None:
+            vision_mask, vision_tokens = image_mask | video_mask, None
+        else:
+            vision_mask, vision_tokens = jnp.zeros_like(image_mask), 0
+            for inputs, mask in ((images, image_mask), (videos, video_mask)):
                 if inputs is not None:
                     features = self.vision_features(inputs)
                     x = scatter_vision(x, mask, features)

@@ -311,7 +311,7 @@ def _dkv_chunk(cfg: SelectionConfig, sh: _Shapes, q_flat, k, v, pos, do_flat, ls
 def _add_items(sh: _Shapes, acc, blocks, parts):
     """acc [B, NB * bs, HKV, D] plus the work items' parts [B, HKV, items, bs, D], each at its block
     (blocks [B, HKV, items])."""
-    per_block = jax.vmap(jax.vmap(lambda blk, x: jnp.zeros((sh.num_blocks, *x.shape[1:]), x.dtype).at[blk].add(x)))
+    per_block = jax.vmap(jax.vmap(lambda blk, x: jax.ops.segment_sum(x, blk, num_segments=sh.num_blocks)))
     summed = per_block(blocks, parts)  # [B, HKV, NB, bs, D]
     return acc + summed.reshape(acc.shape[0], sh.hkv, -1, acc.shape[-1]).swapaxes(1, 2)
 
