@@ -4,11 +4,11 @@ Rows are grouped per (token, KV head): q_rows [B, Tp, HKV, GR, D] holds the virt
 group (zero-padded to GR rows). Forward and dk / dv are block-centric: a program loads one KV block of one KV
 head and runs over tokens that chose it (an inverted index built with a sort), gathering the real rows of
 several tokens into 64-row tiles, so each does exactly the selected work. A block's tokens are split into
-programs of at most `program_tiles` tiles (work items): the blocks every token chooses (the first, the local
-ones) would otherwise take one program many times the average, and the kernel as long as that program. The
-forward writes a partial output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; tokens run
-in chunks whose partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding
-each chunk's part to dk / dv. The dk / dv kernel also writes each (token, slot)'s ds in q's dtype (what the
+programs of at most `program_tiles` tiles (work items): a block that most tokens choose would otherwise hold
+one program many times the average, and the kernel as long as that program. The forward writes a partial
+output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; tokens run in chunks whose
+partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding each chunk's part to
+dk / dv. The dk / dv kernel also writes each (token, slot)'s ds in q's dtype (what the
 dq product takes anyway); dq then runs one program per (token, KV head), summing ds @ K over its chosen
 blocks: K read once per (token, block), V not at all. (The alternatives these choices beat, per-token
 forward and dq, dq as partials or atomic adds, are timed in BENCHMARKS.md.)"""
