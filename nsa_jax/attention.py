@@ -46,7 +46,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     if q_offset is not None and segment_ids is not None and not isinstance(segment_ids, tuple):
         segment_ids = (jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1), segment_ids)
     if q_offset is None and segment_ids is None and kv_valid is None and (t == s or not causal):
-        if implementation is None and _cudnn_applies(q):
+        if implementation is None and cudnn_applies(q):
             implementation = "cudnn"
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     if t > query_chunk:
@@ -65,7 +65,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     return jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], out, 0).astype(out.dtype)
 
 
-def _cudnn_applies(q: jax.Array) -> bool:
+def cudnn_applies(q: jax.Array) -> bool:
     """cuDNN flash attention takes this query: an NVIDIA GPU, bf16 / f16, head dim a multiple of 8 up to 128."""
     d = q.shape[-1]
     return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind.upper().startswith("NVIDIA")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nsa_jax.attention import cudnn_applies
 from nsa_jax.config import VisionConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, linear, make_blocks, run_blocks, runs
 from nsa_jax.rope import rotate_half
@@ -39,7 +40,7 @@ class VisionLayout(NamedTuple):
 
 def _segments(lengths: Sequence[int]) -> Segments:
     lengths = [int(n) for n in lengths if n > 0]
-    width = max(lengths)
+    width = -(-max(lengths) // 8) * 8  # cuDNN's attention takes even lengths; the real ones are multiples of 64
     gather = np.zeros((len(lengths), width), np.int32)
     valid = np.zeros((len(lengths), width), bool)
     scatter = np.zeros((sum(lengths),), np.int32)
@@ -90,11 +91,12 @@ def vision_layout(grid_thw: np.ndarray | Sequence[Sequence[int]], config: Vision
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments) -> jax.Array:
     """Full attention within each segment; q, k, v [N, H, D] -> [N, H, D]. Segments are padded to one width,
-    each valid for its length (a padding mask, as cuDNN's flash attention takes it; XLA's attention here)."""
+    each valid for its length: a padding mask, run by cuDNN's flash attention where it applies."""
     n, h, d = q.shape
     qs, ks, vs = (x[seg.gather] for x in (q, k, v))  # [S, L, H, D]
     lengths = seg.valid.sum(-1).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(qs, ks, vs, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    out = jax.nn.dot_product_attention(qs, ks, vs, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation="cudnn" if cudnn_applies(qs) else None)
     return out.reshape(-1, h, d)[seg.scatter]
 
 

@@ -28,7 +28,10 @@ def test_segment_attention_equals_each_segment_alone(dtype, tol):
     grads = lambda f: jax.grad(lambda *a: (f(*a).astype(jnp.float32) * w).sum(), argnums=(0, 1, 2))(q, k, v)
     padded = lambda q, k, v: segment_attention(q, k, v, seg)
     f32 = lambda x: np.asarray(x, np.float32)
-    np.testing.assert_allclose(f32(padded(q, k, v)), f32(_each_segment_alone(q, k, v)), rtol=tol, atol=tol)
-    for got, want in zip(grads(padded), grads(_each_segment_alone)):
+    with jax.default_matmul_precision("float32"):  # a GPU's float32 matmuls default to TF32
+        got_out, want_out = padded(q, k, v), _each_segment_alone(q, k, v)
+        got_grads, want_grads = grads(padded), grads(_each_segment_alone)
+    np.testing.assert_allclose(f32(got_out), f32(want_out), rtol=tol, atol=tol)
+    for got, want in zip(got_grads, want_grads):
         assert np.isfinite(f32(got)).all()
         np.testing.assert_allclose(f32(got), f32(want), rtol=tol, atol=tol)
