@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from nsa_jax.config import TextConfig
+from nsa_jax.cudnn import chunk_attention, chunk_attention_applies, cudnn_applies
 from nsa_jax.head_parallel import QueryChunk, head_parallel
 from nsa_jax.layers import Runtime, linear
 from nsa_jax.rope import apply_rotary
@@ -65,13 +66,6 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     return jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], out, 0).astype(out.dtype)
 
 
-def cudnn_applies(q: jax.Array) -> bool:
-    """cuDNN flash attention takes this query: an NVIDIA GPU, bf16 / f16, head dim a multiple of 8 up to 128."""
-    d = q.shape[-1]
-    return (jax.default_backend() == "gpu" and jax.devices()[0].device_kind.upper().startswith("NVIDIA")
-            and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128)
-
-
 def dense_attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, *, chunk: int = QUERY_CHUNK,
                          segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None,
                          implementation: str | None = None, q_offset: int | jax.Array | None = None) -> jax.Array:
@@ -92,12 +86,15 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
                   implementation, q_offset=None) -> jax.Array:
     """`dense_attention` `chunk` query rows at a time, each chunk against the keys it can see (all of them
     where q_offset is given: the keys a chunk sees are then known at run time only); with `rows`, chunks
-    holding none of them are skipped (zeros)."""
+    holding none of them are skipped (zeros). A causal chunk of a sequence with no padding and one segment runs
+    as `cudnn.chunk_attention` where that applies (no mask; with segment ids, chosen at run time)."""
     t, s = q.shape[1], k.shape[1]
     if q_offset is not None and segment_ids is not None and not isinstance(segment_ids, tuple):
         segment_ids = (jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1), segment_ids)
     q_seg, k_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)) \
         if segment_ids is not None else (None, None)
+    unmasked = causal and q_offset is None and kv_valid is None and t == s and not isinstance(segment_ids, tuple)
+    one_segment = None if q_seg is None else (q_seg == q_seg[:, :1]).all()
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
@@ -108,10 +105,20 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
         attend = lambda a, b, c, seg=seg, valid=valid, offset=offset: dense_attention(
             a, b, c, causal=causal, segment_ids=seg, kv_valid=valid, implementation=implementation,
             query_chunk=chunk, q_offset=offset)
+        if unmasked and chunk_attention_applies(q[:, start:end], start, implementation):
+            attend = _unmasked_chunk(attend, start, one_segment)
         args = (q[:, start:end], k[:, :stop], v[:, :stop])
         outs.append(attend(*args) if rows is None else jax.lax.cond(
             rows[:, start:end].any(), attend, lambda a, b, c: jnp.zeros_like(a), *args))
     return jnp.concatenate(outs, axis=1)
+
+
+def _unmasked_chunk(masked, start: int, one_segment: jax.Array | None):
+    """`chunk_attention` of the chunk at row `start`; with segment ids, where they hold one segment (else masked)."""
+    fast = lambda a, b, c: chunk_attention(a, b, c, start)
+    if one_segment is None:
+        return fast
+    return lambda a, b, c: jax.lax.cond(one_segment, fast, masked, a, b, c)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, valid: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.attention import cudnn_applies
+from nsa_jax.cudnn import cudnn_applies
 from nsa_jax.config import VisionConfig
 from nsa_jax.layers import GatedMLP, RMSNorm, Runtime, linear, make_blocks, run_blocks, runs
 from nsa_jax.rope import rotate_half

@@ -10,7 +10,10 @@ output and log-sum-exp per (token, slot), merged by log-sum-exp over the slots; 
 partials fit `partial_bytes`, and the backward reuses the chunks' inverted indexes, adding each chunk's part to
 dk / dv. The dk / dv kernel also writes each (token, slot)'s ds in q's dtype (what the
 dq product takes anyway); dq then runs one program per (token, KV head), summing ds @ K over its chosen
-blocks: K read once per (token, block), V not at all. (The alternatives these choices beat, per-token
+blocks: K read once per (token, block), V not at all. Where each token has more than 8 real rows per KV head
+(mode videonsa's padded groups of 16), the forward is per token too: one program per (token, KV head) folds its
+chosen blocks by online softmax, so no partials are written or merged (their traffic grows with the rows, the
+per-token reads of K and V do not, up to a 16-row tile). (The alternatives these choices beat, per-token
 forward and dq, dq as partials or atomic adds, are timed in BENCHMARKS.md.)"""
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ class _Shapes:
     @property
     def tile_rows(self) -> int:
         return max(64, 1 << (self.group_rows - 1).bit_length())
+
+    @property
+    def token_forward(self) -> bool:
+        """The forward runs per (token, KV head) (`_fwd_token_kernel`) rather than block-centric."""
+        return self.group_rows > 8
 
     @property
     def item_entries(self) -> int:
@@ -266,6 +274,50 @@ def _block_call(kernel, name: str, cfg: SelectionConfig, sh: _Shapes, q_flat, k,
     )(q_flat, k, v, entries, items, base[None], pos, *(x for x, _ in extra_in))
 
 
+def _fwd_token_kernel(q_ref, k_ref, v_ref, idx_ref, pos_ref, o_ref, lse_ref, *, cfg: SelectionConfig, n_sel: int):
+    """Output and log-sum-exp of one (token, KV head)'s rows: its chosen blocks folded by online softmax."""
+    bs, pos = cfg.block_size, pos_ref[0]
+    q = q_ref[...]
+
+    def body(j, carry):
+        acc, m, l = carry
+        blk = idx_ref[j]
+        keys = pl.ds(pl.multiple_of(jnp.maximum(blk, 0) * bs, bs), bs)
+        cols = jnp.maximum(blk, 0) * bs + jnp.arange(bs)[None, :]
+        s = jnp.where((cols <= pos) & (blk >= 0), dot(q, k_ref[keys, :], trans_b=True) * cfg.scale, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        corr = jnp.exp(m - m_safe)
+        return acc * corr[:, None] + dot(p.astype(q.dtype), v_ref[keys, :]), m_new, l * corr + p.sum(axis=1)
+
+    gr, d = q.shape
+    init = (jnp.zeros((gr, d), jnp.float32), jnp.full((gr,), -jnp.inf, jnp.float32), jnp.zeros((gr,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, n_sel, body, init)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _fwd_tokens(cfg: SelectionConfig, q_rows, k, v, idx, pos):
+    """(o [B, Tp, HKV, GR, D], lse [B, Tp, HKV, GR]): one program per (token, KV head)."""
+    b, tp, hkv, gr, d = q_rows.shape
+    n_sel, tk = idx.shape[-1], k.shape[1]
+    rows = pl.BlockSpec((None, None, None, gr, d), lambda i, t, h: (i, t, h, 0, 0))
+    whole_kv = pl.BlockSpec((None, tk, None, d), lambda i, t, h: (i, 0, h, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_token_kernel, cfg=cfg, n_sel=n_sel),
+        grid=(b, tp, hkv),
+        in_specs=[rows, whole_kv, whole_kv, pl.BlockSpec((None, None, None, n_sel), lambda i, t, h: (i, t, h, 0)),
+                  pl.BlockSpec((None, 1), lambda i, t, h: (i, t))],
+        out_specs=[rows, pl.BlockSpec((None, None, None, gr), lambda i, t, h: (i, t, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+                   jax.ShapeDtypeStruct((b, tp, hkv, gr), jnp.float32)],
+        name="nsa_selection_fwd_tokens",
+        **call_options(cfg.num_warps, cfg.num_stages),
+    )(q_rows, k, v, idx, pos)
+
+
 def _partials(sh: _Shapes, idx, x):
     """The chunk's partial rows [B, C, HKV, S, group_rows, ...] of x; idx [B, C, HKV, S] says which exist."""
     b, c = idx.shape[:2]
@@ -333,14 +385,18 @@ def _dq_chunk(cfg: SelectionConfig, sh: _Shapes, ds, k, idx):
     )(ds, k, idx)
 
 
-def _forward(cfg: SelectionConfig, q_rows, k, v, idx, pos):
-    """(o_rows, lse, the chunked idx with the chunks' inverted indexes, which the backward reuses)."""
+def _forward(cfg: SelectionConfig, q_rows, k, v, idx, pos, *, index: bool = True):
+    """(o_rows, lse, the chunked idx with the chunks' inverted indexes, which the backward reuses; None with
+    index=False where the forward itself needs none)."""
     b, tp, hkv, gr, d = q_rows.shape
     sh = _shapes(cfg, q_rows, idx.shape[-1], k.shape[1] // cfg.block_size)
-    index = _chunked_index(sh, idx)
+    chunks = _chunked_index(sh, idx) if index or not sh.token_forward else None
+    if sh.token_forward:
+        o, lse = _fwd_tokens(cfg, q_rows, k, v, idx, pos)
+        return o, lse, chunks
     q_flat = q_rows.reshape(b, tp * hkv * gr, d)
-    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, pos, a[0], a[1:]), index)
-    return _unchunk(o, tp), _unchunk(lse, tp), index
+    o, lse = jax.lax.map(lambda a: _fwd_chunk(cfg, sh, q_flat, k, v, pos, a[0], a[1:]), chunks)
+    return _unchunk(o, tp), _unchunk(lse, tp), chunks
 
 
 def _backward(cfg: SelectionConfig, res, do, dlse):
@@ -374,7 +430,7 @@ def selection_attention(cfg: SelectionConfig, q_rows, k, v, idx, pos=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _selection(cfg: SelectionConfig, q_rows, k, v, idx, pos):
-    return _forward(cfg, q_rows, k, v, idx, pos)[:2]
+    return _forward(cfg, q_rows, k, v, idx, pos, index=False)[:2]
 
 
 def _selection_fwd(cfg, q_rows, k, v, idx, pos=None):

@@ -27,26 +27,28 @@ def _chosen_blocks(rng, n_sel: int) -> np.ndarray:
     return idx
 
 
-@pytest.mark.parametrize("n_sel,chunks,program_tiles", [(4, 1, 16), (4, 5, 16), (2, 3, 16), (4, 1, 1)])
-def test_selection_matches_oracle(n_sel, chunks, program_tiles):
-    """program_tiles 1: every block's tokens split over programs of one tile (9 tokens) each."""
+@pytest.mark.parametrize("n_sel,chunks,program_tiles,g", [(4, 1, 16, G), (4, 5, 16, G), (2, 3, 16, G), (4, 1, 1, G),
+                                                          (4, 2, 16, GR)])
+def test_selection_matches_oracle(n_sel, chunks, program_tiles, g):
+    """program_tiles 1: every block's tokens split over programs of one tile (9 tokens) each. g = GR = 16 rows per
+    token (mode videonsa's groups): the per-token forward, the backward block-centric over 2 chunks."""
     rng = np.random.default_rng(n_sel * 10 + chunks)
     ks = jax.random.split(jax.random.key(chunks), 4)
-    q = jax.random.normal(ks[0], (B, T, HKV * G, D), jnp.float32)
+    q = jax.random.normal(ks[0], (B, T, HKV * g, D), jnp.float32)
     k, v = (jax.random.normal(kk, (B, T, HKV, D), jnp.float32) for kk in ks[1:3])
-    w = jax.random.normal(ks[3], (B, T, HKV * G, D), jnp.float32)
+    w = jax.random.normal(ks[3], (B, T, HKV * g, D), jnp.float32)
     idx = jnp.asarray(_chosen_blocks(rng, n_sel))
-    # Chunks of tokens: 96 tokens' float32 partial outputs take T * HKV * n_sel * G * D * 4 bytes (5 chunks:
+    # Chunks of tokens: 96 tokens' float32 partial outputs take T * HKV * n_sel * g * D * 4 bytes (5 chunks:
     # the last one padded).
-    cfg = SelectionConfig(BS, D ** -0.5, rows_per_token=G, partial_bytes=-(-T * HKV * n_sel * G * D * 4 // chunks),
+    cfg = SelectionConfig(BS, D ** -0.5, rows_per_token=g, partial_bytes=-(-T * HKV * n_sel * g * D * 4 // chunks),
                           program_tiles=program_tiles)
     q_rows_shape = jax.ShapeDtypeStruct((B, T, HKV, GR, D), jnp.float32)
     chunked_idx = jax.eval_shape(lambda *a: _selection_fwd(cfg, *a)[1][-1][0], q_rows_shape, k, v, idx)
     assert chunked_idx.shape == (chunks, B, -(-T // chunks), HKV, n_sel)
 
     def kernel(q, k, v):
-        q_rows = jnp.pad(q.reshape(B, T, HKV, G, D), ((0, 0),) * 3 + ((0, GR - G), (0, 0)))
-        return selection_attention(cfg, q_rows, k, v, idx)[0][:, :, :, :G].reshape(B, T, HKV * G, D)
+        q_rows = jnp.pad(q.reshape(B, T, HKV, g, D), ((0, 0),) * 3 + ((0, GR - g), (0, 0)))
+        return selection_attention(cfg, q_rows, k, v, idx)[0][:, :, :, :g].reshape(B, T, HKV * g, D)
 
     _check_against_oracle(kernel, idx, q, k, v, w)
 
