@@ -88,7 +88,8 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_cmp: jax.Array, g_
     causal_compression: True = query i attends complete blocks ending at or before i (SPEC §3); False = the
       released mask i <= (j + 1) * block_size - 1 (SPEC §2.5).
     head_layout: "gqa" (head h reads KV head h // G) or "videonsa" (the released padded layout, `layout.py`).
-    tie_break: "recent" (ties to the most recent block) or "fla" (fla's bitonic network, SPEC §2.6).
+    tie_break: "recent" (ties to the most recent block) or "fla" (fla's top-k, SPEC §2.6: its bitonic network,
+      and its arithmetic: q * scale and the block means rounded to q's dtype, products summed in float32).
     selection: "token" (each query its own top-k, the paper's) or "query_block" (SPEC §4's opt-in: one set per
       block of block_size consecutive queries, chosen by their summed importance; tie_break "recent" and
       head_layout "gqa" only); its kernel is block-sparse flash attention (`block_sparse.py` on GPU,

@@ -81,16 +81,25 @@ def compression_attention(q, k, v, *, block_size: int, causal: bool, segment_ids
     return _masked_softmax_attention(s, (visible & same)[:, None], _kv_for_heads(vc, p))
 
 
-def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None, positions=None) -> jax.Array:
+def block_importance(q, k, lse, *, block_size: int, scale=None, segment_ids=None, positions=None,
+                     operands=None) -> jax.Array:
     """Importance [B, Tq, HKV, NB] of past blocks (first block of the segment <= j < i // bs), summed over
-    the heads of each KV head; -inf elsewhere. q [B, Tq, P, D], k [B, T, HKV, D], lse [B, Tq, P]."""
+    the heads of each KV head; -inf elsewhere. q [B, Tq, P, D], k [B, T, HKV, D], lse [B, Tq, P].
+    operands: None (float32 products of q and the float32 block means, then the scale) or a dtype: fla's top-k
+    arithmetic (the released one, `parallel_nsa_kernel_topk` over `mean_pooling`'s k_cmp): q * scale and the
+    block means rounded to it, their products summed in float32."""
     b, t, p, d = q.shape
     hkv = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     seg, pos, q_seg = _rows(q, k, segment_ids, positions)
     kc = mean_pool(k, block_size)
     nb = kc.shape[1]
-    s = jnp.einsum("btpd,bnpd->btpn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
+    if operands is None:
+        s = jnp.einsum("btpd,bnpd->btpn", q.astype(jnp.float32), _kv_for_heads(kc, p)) * scale
+    else:
+        qs = (q.astype(jnp.float32) * scale).astype(operands)
+        s = jnp.einsum("btpd,bnpd->btpn", qs, _kv_for_heads(kc.astype(operands), p),
+                       preferred_element_type=jnp.float32)
     finite = jnp.isfinite(lse)[..., None]
     prob = jnp.where(finite, jnp.exp(s - jnp.where(finite, lse[..., None], 0.0)), 0.0)
     imp = prob.reshape(b, t, hkv, p // hkv, nb).sum(3)
@@ -246,7 +255,7 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int = 64, block_c
                                        **rows)
     lse = topk_lse_rows(jax.lax.stop_gradient(lse), lse_reading, segment_ids, pos, query_axis, k.shape[1])
     imp = block_importance(jax.lax.stop_gradient(qe), jax.lax.stop_gradient(k), lse, block_size=block_size,
-                           scale=scale, **rows)
+                           scale=scale, operands=q.dtype if tie_break == "fla" else None, **rows)
     if selection == "query_block":
         imp = query_block_importance(imp, block_size)
     idx = select_blocks(imp, block_size=block_size, block_count=block_count, tie_break=tie_break,

@@ -69,7 +69,8 @@ def _kernel(q_ref, kc_ref, lse_ref, lo_ref, pos_ref, out_ref, *, layout: HeadLay
 
         def row(g, imp):
             p = h * gv + g  # padded row; p >= hv is a zero row, which scores 0
-            s = dot(q_ref[:, jnp.minimum(p, hv - 1) % hq, :].astype(jnp.float32), kc, trans_b=True) * scale
+            q = q_ref[:, jnp.minimum(p, hv - 1) % hq, :]
+            s = dot((q.astype(jnp.float32) * scale).astype(q.dtype), kc, trans_b=True)  # fla's rounding of q * scale
             s = jnp.where(p < hv, s, 0.0)
             lse = lse_ref[p, :][:, None]
             finite = lse > -jnp.inf
@@ -109,7 +110,9 @@ def select_blocks_fla(q, k_cmp, lse, lo, pos=None, *, layout: HeadLayout, block_
     """Chosen blocks [B, Tp, HKV, W] int32 (absolute, -1 = empty; W = next_pow2(block_count), in the network's
     order), as the oracle chooses them (`reference.select_blocks(..., tie_break="fla")`).
 
-    q [B, Tp, HQ, D] (Tp a multiple of block_size); k_cmp [B, NB, HKV, D] float32 block means, zero-padded to
+    fla's arithmetic: q * scale rounded to q's dtype, times the block means in q's dtype, summed in float32
+    (`reference.block_importance(..., operands=q.dtype)`).
+    q [B, Tp, HQ, D] (Tp a multiple of block_size); k_cmp [B, NB, HKV, D] block means (taken in q's dtype), padded to
     at least (last position + 1) / block_size + block_size blocks; lse [B, P, Tp] the lse each padded row divides
     its scores by; lo [B, Tp] segment starts (every segment starts on a block boundary); pos [B, Tp] the rows'
     positions, pos[b, 0] + r with pos[b, 0] a multiple of block_size (None: 0 .. Tp - 1).
@@ -138,4 +141,4 @@ def select_blocks_fla(q, k_cmp, lse, lo, pos=None, *, layout: HeadLayout, block_
         out_shape=jax.ShapeDtypeStruct((b, tp, hkv, w), jnp.int32),
         name="nsa_topk_fla",
         **call_options(),
-    )(q, k_cmp, lse, lo, pos)
+    )(q, k_cmp.astype(q.dtype), lse, lo, pos)

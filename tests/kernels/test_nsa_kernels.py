@@ -253,3 +253,28 @@ def test_kernels_lower_to_triton_for_h100(mode):
     kernels = {"native": 10, "videonsa": 10}.get(mode, 8 if mosaic else 11)
     assert text.count("__gpu$xla.gpu.triton") == kernels, text.count("__gpu$xla.gpu.triton")
     assert text.count("custom_call @mosaic_gpu") == (3 if mosaic else 0)
+
+
+def test_fla_topk_rounds_its_operands_as_fla():
+    """Blocks 0 and 1 whose float32 means differ below bf16's resolution (block 0's mean is 1 + 2^-8, block 1's 1):
+    in fla's arithmetic (q * scale and the block means in bf16, `parallel_nsa_kernel_topk`) they tie and the
+    network keeps block 1 beside the current block 2, while float32 products keep block 0; the kernel keeps fla's."""
+    bs, t, d = 8, 24, 16
+    layout = head_layout("videonsa", 2, 1)
+    k = np.zeros((1, t, 1, d), np.float32)
+    k[0, :16, 0, 0] = 1.0
+    k[0, 0, 0, 0] = 1.0 + 2.0 ** -5
+    q = np.zeros((1, t, 2, d), np.float32)
+    q[..., 0] = 4.0  # q * scale = 1
+    q, k = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    lse = jnp.full((1, t, layout.padded_heads), 5.0)  # past blocks score below the current one
+    chosen = lambda operands: select_blocks(
+        block_importance(expand_heads(q, layout), k, lse, block_size=bs, operands=operands), block_size=bs,
+        block_count=2, tie_break="fla", group_size=layout.group_size)
+    want = np.asarray(chosen(jnp.bfloat16))
+    assert all(sorted(want[0, i, 0]) == [1, 2] for i in range(16, 24))
+    assert all(sorted(np.asarray(chosen(None))[0, i, 0]) == [0, 2] for i in range(16, 24))
+    kc = jnp.pad(mean_pool(k, bs), ((0, 0), (0, bs), (0, 0), (0, 0)))
+    got = jax.jit(lambda *a: select_blocks_fla(*a, layout=layout, block_size=bs, block_count=2, scale=d ** -0.5))(
+        q, kc, lse.transpose(0, 2, 1), jnp.zeros((1, t), jnp.int32))
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))

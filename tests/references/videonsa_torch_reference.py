@@ -86,11 +86,13 @@ def padded_heads(hq: int, hkv: int) -> int:
 
 def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: int, window: int,
                  lse_reading: str = "released"):
-    """Released NSA over q [B,T,HQ,D], k, v [B,T,HKV,D], gates [B,T,HQ] (float64 math) -> [B,T,HQ,D].
+    """Released NSA over q [B,T,HQ,D], k, v [B,T,HKV,D], gates [B,T,HQ] (float64 math, but the top-k's
+    operands rounded to the input dtype as fla's kernel rounds them) -> [B,T,HQ,D].
 
     lse_reading "released": the top-k reads the compression lse buffer [B, P, T] as [B, T, P] (a view of the
     same memory, as fla's kernel does through its pointer); "per_head": each head's own lse.
     """
+    dtype = q.dtype  # fla's top-k rounds q * scale and its block means to it
     q, k, v = q.double(), k.double(), v.double()
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -117,6 +119,7 @@ def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: 
     else:
         lse_read = lse_buffer.transpose(1, 2)
     count = 1 << (block_count - 1).bit_length()
+    q_topk, kc_topk = (qp * scale).to(dtype).double(), kc.to(dtype).double()
     out = torch.zeros(b, t, p, d, dtype=torch.float64)
     for bi in range(b):
         for i in range(t):
@@ -126,7 +129,7 @@ def nsa_videonsa(q, k, v, g_cmp, g_slc, g_swa, *, block_size: int, block_count: 
                 scores = np.zeros(cur + 1, np.float32)
                 for h in heads:
                     for j in range(cur):
-                        s = scale * kc[bi, j, kv] @ qp[bi, i, h] - lse_read[bi, i, h]
+                        s = kc_topk[bi, j, kv] @ q_topk[bi, i, h] - lse_read[bi, i, h]
                         scores[j] += float(torch.exp(s).detach())
                     scores[cur] += 1.0
                 chosen = fla_topk(scores, cur, block_size, count)
