@@ -86,15 +86,14 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
                   implementation, q_offset=None) -> jax.Array:
     """`dense_attention` `chunk` query rows at a time, each chunk against the keys it can see (all of them
     where q_offset is given: the keys a chunk sees are then known at run time only); with `rows`, chunks
-    holding none of them are skipped (zeros). A causal chunk of a sequence with no padding and one segment runs
-    as `cudnn.chunk_attention` where that applies (no mask; with segment ids, chosen at run time)."""
+    holding none of them are skipped (zeros). A causal chunk whose rows and keys hold one segment (checked at run
+    time) runs as `cudnn.chunk_attention` where that applies: no mask."""
     t, s = q.shape[1], k.shape[1]
     if q_offset is not None and segment_ids is not None and not isinstance(segment_ids, tuple):
         segment_ids = (jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, t, axis=1), segment_ids)
     q_seg, k_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)) \
         if segment_ids is not None else (None, None)
     unmasked = causal and q_offset is None and kv_valid is None and t == s and not isinstance(segment_ids, tuple)
-    one_segment = None if q_seg is None else (q_seg == q_seg[:, :1]).all()
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
@@ -106,6 +105,7 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
             a, b, c, causal=causal, segment_ids=seg, kv_valid=valid, implementation=implementation,
             query_chunk=chunk, q_offset=offset)
         if unmasked and chunk_attention_applies(q[:, start:end], start, implementation):
+            one_segment = None if k_seg is None else (k_seg[:, :stop] == k_seg[:, :1]).all()
             attend = _unmasked_chunk(attend, start, one_segment)
         args = (q[:, start:end], k[:, :stop], v[:, :stop])
         outs.append(attend(*args) if rows is None else jax.lax.cond(
@@ -114,7 +114,8 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
 
 
 def _unmasked_chunk(masked, start: int, one_segment: jax.Array | None):
-    """`chunk_attention` of the chunk at row `start`; with segment ids, where they hold one segment (else masked)."""
+    """`chunk_attention` of the chunk at row `start`; with segment ids, where its keys hold one segment (else
+    masked)."""
     fast = lambda a, b, c: chunk_attention(a, b, c, start)
     if one_segment is None:
         return fast

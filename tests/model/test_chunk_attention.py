@@ -77,9 +77,9 @@ def test_chunk_attention_parts_merge_to_masked_attention(offset):
     _assert_matches_masked(chunk, 16, offset, jnp.float32, 2e-5)
 
 
-def test_rows_take_chunk_attention_for_one_segment_only(monkeypatch):
-    """A part that doubles its output marks the chunks that took `chunk_attention`: with one segment every chunk
-    but none with two (the masked path)."""
+def test_rows_take_chunk_attention_where_one_segment_holds(monkeypatch):
+    """A part that doubles its output marks the chunks that took `chunk_attention`: with one segment every chunk;
+    with a second segment from row 16 (or padding there) the chunks before it, the others masked."""
     doubled = Part(lambda *a: (lambda o, lse: (2 * o, lse))(*_jnp_fwd(*a)), _jnp_bwd)
     monkeypatch.setattr(attention, "chunk_attention_applies", lambda *a: True)
     monkeypatch.setattr(attention, "chunk_attention", functools.partial(chunk_attention, part=doubled))
@@ -91,8 +91,11 @@ def test_rows_take_chunk_attention_for_one_segment_only(monkeypatch):
     with jax.default_matmul_precision("float32"):
         np.testing.assert_allclose(np.asarray(run(one)), 2 * np.asarray(dense_attention(q, k, v, causal=True)),
                                    atol=1e-5)
-        np.testing.assert_allclose(np.asarray(run(two)),
-                                   np.asarray(dense_attention(q, k, v, causal=True, segment_ids=two)), atol=1e-5)
+        for seg in (two, one.at[:, 16:].set(0)):
+            want = np.asarray(dense_attention(q, k, v, causal=True, segment_ids=seg))
+            got = np.asarray(run(seg))
+            np.testing.assert_allclose(got[:, :16], 2 * want[:, :16], atol=1e-5)
+            np.testing.assert_allclose(got[:, 16:], want[:, 16:], atol=1e-5)
 
 
 @pytest.mark.skipif(not chunk_attention_applies(jnp.zeros((1, 8, 1, 16), jnp.bfloat16), 8, None),
