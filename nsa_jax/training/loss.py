@@ -28,7 +28,8 @@ def cross_entropy_sum(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Ar
     """(sum of weighted token losses, number of weighted tokens), both float32.
 
     hidden [B, T, E]; `logits_fn` maps hidden rows to logits. The sequence is processed `chunk` tokens at a
-    time under remat, so only [B, chunk, vocab] logits are live at once (T must be a multiple of chunk).
+    time under remat, so only [B, chunk, vocab] logits are live at once (T must be a multiple of chunk); a chunk
+    with no weighted token (a prompt, a video) is skipped at run time: its logits are never computed.
     shards: the pieces the token axis is split into over devices (context parallelism); each chunk then takes
     chunk / shards tokens from every piece, so every device works on every chunk (contiguous chunks would each
     lie on one device, and the partitioner would gather them: every device computing every chunk).
@@ -46,13 +47,15 @@ def _cross_entropy_sum(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     n = t // chunk
     shards = shards if chunk % shards == 0 else 1
 
-    @jax.checkpoint
-    def one(args):
-        h, tgt, w = args
+    def loss(h, tgt, w):
         logits = logits_fn(h).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - picked) * w)
+
+    @jax.checkpoint
+    def one(args):
+        return jax.lax.cond(args[2].any(), loss, lambda *_: jnp.zeros((), jnp.float32), *args)
 
     # Token s * (T / shards) + j * (chunk / shards) + u goes to chunk j: [B, shards, n, chunk / shards] -> [n, B,
     # chunk].

@@ -50,6 +50,26 @@ def test_cross_entropy_chunks_equal_direct():
         assert float(count) == float(weights.sum())
 
 
+def test_cross_entropy_skips_chunks_without_weighted_tokens():
+    """Hidden rows of NaN in a chunk whose tokens carry no weight never reach the loss or its gradients: the chunk
+    is not computed. The other chunks give the direct loss and gradients."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((2, 12, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 12)))
+    weights = jnp.asarray(rng.random((2, 12)) > 0.3).at[:, 4:8].set(False)
+    direct = lambda h, w_: -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(h @ w_), targets[..., None], -1)[..., 0]
+                                    * weights)
+    chunked = lambda h, w_: cross_entropy_sum(h, lambda x: x @ w_, targets, weights, chunk=4)[0]
+    poisoned = hidden.at[:, 4:8].set(jnp.nan)
+    got, (g_h, g_w) = jax.value_and_grad(chunked, argnums=(0, 1))(poisoned, w)
+    want, (r_h, r_w) = jax.value_and_grad(direct, argnums=(0, 1))(hidden, w)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(g_w), np.asarray(r_w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_h), np.asarray(r_h), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(r_h[:, 4:8]).max()) == 0.0  # the skipped chunk's rows had no gradient to lose
+
+
 def test_schedule_warmup_then_cosine():
     s = learning_rate_schedule(1e-3, 100, 0.1, 0.0)
     assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(5e-4) and float(s(10)) == pytest.approx(1e-3)
