@@ -255,26 +255,37 @@ def test_kernels_lower_to_triton_for_h100(mode):
     assert text.count("custom_call @mosaic_gpu") == (3 if mosaic else 0)
 
 
-def test_fla_topk_rounds_its_operands_as_fla():
-    """Blocks 0 and 1 whose float32 means differ below bf16's resolution (block 0's mean is 1 + 2^-8, block 1's 1):
-    in fla's arithmetic (q * scale and the block means in bf16, `parallel_nsa_kernel_topk`) they tie and the
-    network keeps block 1 beside the current block 2, while float32 products keep block 0; the kernel keeps fla's."""
+@pytest.mark.parametrize("rounded", ["block_means", "q_times_scale"])
+def test_fla_topk_rounds_its_operands_as_fla(rounded):
+    """Two past blocks whose order flips with fla's rounding (`parallel_nsa_kernel_topk`: q * scale and the block
+    means in bf16, products summed in float32); the current block 2 and one past block are kept. "block_means":
+    block 0's float32 mean is 1 + 2^-8, block 1's 1: in bf16 they tie and fla's network keeps block 1, float32
+    keeps block 0. "q_times_scale" (scale 0.3): q = (1, 1.5) against block 0 = (1, 0) and block 1 = (0, 171/256):
+    bf16(0.3) > 0.3 and bf16(0.45) < 0.45 make block 0 win in fla's arithmetic, block 1 in float32's. The
+    kernel keeps fla's."""
     bs, t, d = 8, 24, 16
     layout = head_layout("videonsa", 2, 1)
     k = np.zeros((1, t, 1, d), np.float32)
-    k[0, :16, 0, 0] = 1.0
-    k[0, 0, 0, 0] = 1.0 + 2.0 ** -5
     q = np.zeros((1, t, 2, d), np.float32)
-    q[..., 0] = 4.0  # q * scale = 1
+    if rounded == "block_means":
+        scale, fla_keeps, f32_keeps = d ** -0.5, [1, 2], [0, 2]
+        k[0, :16, 0, 0] = 1.0
+        k[0, 0, 0, 0] = 1.0 + 2.0 ** -5
+        q[..., 0] = 4.0  # q * scale = 1
+    else:
+        scale, fla_keeps, f32_keeps = 0.3, [0, 2], [1, 2]
+        k[0, :8, 0, 0] = 1.0
+        k[0, 8:16, 0, 1] = 171 / 256
+        q[..., 0], q[..., 1] = 1.0, 1.5
     q, k = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
     lse = jnp.full((1, t, layout.padded_heads), 5.0)  # past blocks score below the current one
     chosen = lambda operands: select_blocks(
-        block_importance(expand_heads(q, layout), k, lse, block_size=bs, operands=operands), block_size=bs,
-        block_count=2, tie_break="fla", group_size=layout.group_size)
+        block_importance(expand_heads(q, layout), k, lse, block_size=bs, scale=scale, operands=operands),
+        block_size=bs, block_count=2, tie_break="fla", group_size=layout.group_size)
     want = np.asarray(chosen(jnp.bfloat16))
-    assert all(sorted(want[0, i, 0]) == [1, 2] for i in range(16, 24))
-    assert all(sorted(np.asarray(chosen(None))[0, i, 0]) == [0, 2] for i in range(16, 24))
+    assert all(sorted(want[0, i, 0]) == fla_keeps for i in range(16, 24))
+    assert all(sorted(np.asarray(chosen(None))[0, i, 0]) == f32_keeps for i in range(16, 24))
     kc = jnp.pad(mean_pool(k, bs), ((0, 0), (0, bs), (0, 0), (0, 0)))
-    got = jax.jit(lambda *a: select_blocks_fla(*a, layout=layout, block_size=bs, block_count=2, scale=d ** -0.5))(
+    got = jax.jit(lambda *a: select_blocks_fla(*a, layout=layout, block_size=bs, block_count=2, scale=scale))(
         q, kc, lse.transpose(0, 2, 1), jnp.zeros((1, t), jnp.int32))
     np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(want, -1))
