@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 
 from nsa_jax.layer_scan import prefetched_scan
@@ -16,6 +17,7 @@ from nsa_jax.sharding import LOGICAL_RULES, dotted_path, logical_to_spec, param,
 from pallas_kernels import RESIDUALS
 
 INIT = nnx.initializers.normal(0.02)
+MLP_PROJECTIONS = "mlp_projections"  # checkpoint name of a gated MLP's gate and up outputs (`GatedMLP`)
 
 
 def _cudnn_attention_forward(prim, *_, **__) -> bool:
@@ -33,6 +35,10 @@ REMAT_POLICIES = {
     # MLP and norms, not the attention kernels.
     "attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(RESIDUALS), _cudnn_attention_forward),
+    # "attention", and the gated MLPs' gate and up projections (the block's widest matmuls): the backward
+    # recomputes only the norms, the attention projections and the elementwise work.
+    "attention_mlp": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(RESIDUALS, MLP_PROJECTIONS), _cudnn_attention_forward),
 }
 
 
@@ -151,7 +157,8 @@ class GatedMLP(nnx.Module):
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = checkpoint_name((self.gate_proj(x), self.up_proj(x)), MLP_PROJECTIONS)
+        return self.down_proj(self.act(gate) * up)
 
 
 def runs(kinds: Sequence) -> list[tuple[int, int]]:

@@ -153,10 +153,12 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
     unknown_event: dict[str, dict] = {}
     placed: dict[str, Instruction] = {}
     other_programs = 0.0
+    kernels = []
     for mod, op, us, event in kernel_events(trace):
         if module and mod and mod != module:
             other_programs += us
             continue
+        kernels.append((op, us, event))
         ins = instructions.get(op)
         if ins is None and "long_name" in event["args"]:  # the instruction's own text, where the trace has it
             parsed = parse_instruction(event["args"]["long_name"])
@@ -172,6 +174,7 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
         placed[op] = ins
     ms = lambda us: round(us / 1e3 / steps, 3)
     total = sum(cells.values())
+    idle_us, idle_before = _idle(kernels, {**instructions, **placed})
 
     def by(i):
         acc: collections.Counter = collections.Counter()
@@ -195,7 +198,31 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
         "unattributed_top": [{"hlo_op": op, "ms": ms(us), "event": {k: unknown_event[op].get(k) for k in
                                                                     ("name", "args")}}
                              for op, us in unknown.most_common(top)],
+        # Time no kernel of the module ran, between its first kernel's start and its last one's end (host syncs,
+        # e.g. a conditional's predicate copied to the host, and launch gaps), each gap charged to the JAX name
+        # stack of the kernel that ended it.
+        "idle_ms_per_step": ms(idle_us),
+        "idle_before": [{"op_name": name[-160:], "gaps_per_step": round(n / steps, 1), "ms": ms(us)}
+                        for name, (us, n) in sorted(idle_before.items(), key=lambda kv: -kv[1][0])[:top]],
     }
+
+
+def _idle(kernels: list[tuple[str, float, dict]], instructions: dict[str, Instruction]
+          ) -> tuple[float, dict[str, tuple[float, int]]]:
+    """(microseconds with no kernel running, {op_name of the kernel after a gap: (its gaps' us, their count)})
+    over the kernels (op, us, event with "ts") of every stream together; control flow's enclosing events skipped."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + us, op) for op, us, e in kernels
+                   if "ts" in e and not (op in instructions and instructions[op].opcode in CONTROL_FLOW))
+    total, before = 0.0, collections.defaultdict(lambda: [0.0, 0])
+    end = spans[0][1] if spans else 0.0
+    for start, stop, op in spans[1:]:
+        if start > end:
+            name = instructions[op].op_name if op in instructions else op
+            total += start - end
+            before[name][0] += start - end
+            before[name][1] += 1
+        end = max(end, stop)
+    return total, {k: (v[0], v[1]) for k, v in before.items()}
 
 
 def load_trace(trace_dir: str) -> dict | list:

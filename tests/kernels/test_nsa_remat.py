@@ -1,4 +1,4 @@
-"""Remat policy "attention" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept
+"""Remat policies "attention" and "attention_mlp" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept
 from the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients of no
 remat (interpret mode)."""
 
@@ -59,4 +59,30 @@ def test_attention_policy_keeps_the_kernels_residuals():
     kept, got = grads("attention")
     assert kept == plain < full  # full remat runs the forward kernels again; "attention" does not
     for a, r in zip(got, want):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_mlp_policy_keeps_the_gate_and_up_projections():
+    """Policy "attention_mlp" keeps a gated MLP's gate and up outputs: the backward recomputes none of its
+    matmuls (full remat recomputes both), with the gradients of no remat."""
+    from flax import nnx
+
+    from nsa_jax.layers import GatedMLP
+
+    mlp = GatedMLP(16, 48, "silu", bias=False, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    graphdef, params = nnx.split(mlp)
+    x, w = jax.random.normal(jax.random.key(1), (2, 2, 8, 16))
+    loss = lambda p, x: (nnx.merge(graphdef, p)(x) * w).sum()  # linear in the output: its value is not needed
+
+    def grads(policy):
+        f = loss if policy is None else jax.checkpoint(loss, policy=REMAT_POLICIES[policy])
+        g = jax.grad(f, argnums=(0, 1))
+        dots = str(jax.make_jaxpr(g)(params, x)).count("dot_general")
+        return dots, jax.jit(g)(params, x)
+
+    plain, want = grads(None)
+    full, _ = grads("full")
+    kept, got = grads("attention_mlp")
+    assert kept == plain == full - 2  # full remat runs gate_proj and up_proj again
+    for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)

@@ -79,3 +79,24 @@ def test_instructions_parse_tuple_types_and_targets():
     assert ins["gemm_fusion_dot.7"].target == "gemm" and ins["fusion.1"].target == "kLoop"
     assert ins["all-gather-start"].opcode == "all-gather-start" and ins["while.5"].opcode == "while"
     assert ins["multiply.9"].op_name == "jit(full_step)/optimizer/mul"
+
+
+def test_idle_time_is_charged_to_the_kernel_after_each_gap():
+    """Gaps between kernels (on any stream; the while's enclosing event does not fill them): worked by hand."""
+    ev = lambda op, ts, us, tid=10: {"ph": "X", "pid": 2, "tid": tid, "name": op, "ts": ts, "dur": us,
+                                     "args": {"hlo_op": op, "hlo_module": "jit_full_step"}}
+    trace = _trace()
+    stream = {"ph": "M", "pid": 2, "tid": 12, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}}
+    trace["traceEvents"] = trace["traceEvents"][:4] + [stream,
+        ev("while.5", 0, 1000),
+        ev("custom-call.3", 0, 100),
+        ev("fmha", 150, 100),  # 50 us idle before it
+        ev("multiply.9", 160, 40, tid=12),  # within fmha's time, on another stream: no gap
+        ev("fusion.1", 400, 50),  # 150 us idle after fmha's end
+        ev("fmha", 470, 30),  # 20 us idle
+    ]
+    r = profile.breakdown(trace, HLO, steps=2)
+    assert r["idle_ms_per_step"] == 0.11
+    assert [(g["op_name"], g["gaps_per_step"], g["ms"]) for g in r["idle_before"]] == [
+        ("jit(full_step)/transpose(jvp(vision_tower))/mul", 0.5, 0.075),
+        ("jit(full_step)/jvp()/while/body/attention_core/dot_product_attention", 1.0, 0.035)]
