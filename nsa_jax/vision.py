@@ -92,39 +92,12 @@ def vision_layout(grid_thw: np.ndarray | Sequence[Sequence[int]], config: Vision
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: Segments) -> jax.Array:
     """Full attention within each segment; q, k, v [N, H, D] -> [N, H, D]. Segments are padded to one width,
     each valid for its length: a padding mask, run by cuDNN's flash attention where it applies."""
-    qs, ks, vs = (to_segments(x, seg) for x in (q, k, v))  # [S, L, H, D]
+    n, h, d = q.shape
+    qs, ks, vs = (x[seg.gather] for x in (q, k, v))  # [S, L, H, D]
     lengths = seg.valid.sum(-1).astype(jnp.int32)
     out = jax.nn.dot_product_attention(qs, ks, vs, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                        implementation="cudnn" if cudnn_applies(qs) else None)
-    return from_segments(out, seg)
-
-
-# The two layouts are each other's permutation (plus padding), so each gradient is a gather of the other's
-# indices, not the scatter-add of a gather's transpose. A padded grid cell takes no part in the attention of its
-# segment's real rows, so its cotangent is zero and is dropped.
-@jax.custom_vjp
-def to_segments(x: jax.Array, seg: Segments) -> jax.Array:
-    """Rows x [N, ...] in the padded segment grid [S, L, ...] (padding repeats row 0)."""
-    return x[seg.gather]
-
-
-@jax.custom_vjp
-def from_segments(y: jax.Array, seg: Segments) -> jax.Array:
-    """The grid y [S, L, ...] back to the rows [N, ...] (padding dropped)."""
-    return y.reshape(-1, *y.shape[2:])[seg.scatter]
-
-
-def _to_segments_bwd(seg, g):
-    return g.reshape(-1, *g.shape[2:])[seg.scatter], None
-
-
-def _from_segments_bwd(seg, g):
-    grid = g[seg.gather]
-    return jnp.where(seg.valid.reshape(seg.valid.shape + (1,) * (grid.ndim - 2)), grid, 0), None
-
-
-to_segments.defvjp(lambda x, seg: (to_segments(x, seg), seg), _to_segments_bwd)
-from_segments.defvjp(lambda y, seg: (from_segments(y, seg), seg), _from_segments_bwd)
+    return out.reshape(-1, h, d)[seg.scatter]
 
 
 class VisionAttention(nnx.Module):
