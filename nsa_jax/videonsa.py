@@ -117,63 +117,30 @@ class NSAAttention(DenseAttention):
         # run is its own NSA segment; the kernels require every segment to start at a multiple of the block
         # size, which holds for one sample per row (`check_native_packing` refuses more).
         # A chunk's vision rows are consecutive in that order too: they follow the vision tokens before the chunk.
+        order = jnp.argsort(~vision, axis=1, stable=True)
         q_vision = vision if chunk is None else chunk.rows(vision)
-        order, inverse = partition_rows(vision)
-        q_order, q_inverse = (order, inverse) if chunk is None else partition_rows(q_vision)
-        seg = None if segment_ids is None else nsa_segments(jnp.take_along_axis(segment_ids, order, axis=1))
+        q_order = order if chunk is None else jnp.argsort(~q_vision, axis=1, stable=True)
+        inverse = jnp.argsort(q_order, axis=1)
+        take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+        seg = None if segment_ids is None else nsa_segments(take(segment_ids, order))
         before = None if chunk is None else (vision & (jnp.arange(vision.shape[1]) < chunk.offset)).sum(1)
+        q_o, k_o, v_o, gates_o = take(q, q_order), take(k, order), take(v, order), take(gates, q_order)
         # Without a chunk, NSA runs over the first n rows of that order only: they hold each row's vision tokens,
         # and the keys those see (the text rows behind take the dense branch).
         t, bs = q.shape[1], self.nsa.block_size
         n = t if chunk is not None or vision_tokens is None else min(t, -(-vision_tokens // bs) * bs)
+        prefix = lambda a: None if a is None else a[:, :n]
         if n == 0:
             o_nsa = jnp.zeros_like(q)
+        elif n < t:
+            o_nsa = nsa_branch(self.nsa, *map(prefix, (q_o, k_o, v_o, gates_o, seg)))
+            o_nsa = take(jnp.pad(o_nsa, ((0, 0), (0, t - n), (0, 0), (0, 0))), inverse)
         else:
-            q_o, gates_o = (gather_rows(a, q_order, q_inverse, n) for a in (q, gates))
-            k_o, v_o = (gather_rows(a, order, inverse, n if chunk is None else a.shape[1]) for a in (k, v))
-            o_nsa = nsa_branch(self.nsa, q_o, k_o, v_o, gates_o, None if seg is None else seg[:, :k_o.shape[1]],
-                               chunk, q_offset=before)
-            o_nsa = gather_rows(jnp.pad(o_nsa, ((0, 0), (0, t - n), (0, 0), (0, 0))), q_inverse, q_order, t)
+            o_nsa = take(nsa_branch(self.nsa, q_o, k_o, v_o, gates_o, seg, chunk, q_offset=before), inverse)
         o_dense = dense_attention_rows(q, k, v, ~q_vision, segment_ids=segment_ids, kv_valid=kv_valid,
                                        implementation=self.runtime.attention_impl,
                                        q_offset=None if chunk is None else chunk.offset)
         return jnp.where(q_vision[..., None, None], o_nsa, o_dense)
-
-
-def partition_rows(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(order, inverse) [B, T] int32 of a stable partition of rows [B, T] bool: order lists the rows where `rows`
-    holds, then the others, each in sequence order; inverse[b, i] is row i's place in order (a sort-free
-    argsort(~rows, stable=True) and its inverse)."""
-    b, t = rows.shape
-    first = jnp.cumsum(rows, axis=1, dtype=jnp.int32) - 1
-    later = rows.sum(1, keepdims=True, dtype=jnp.int32) + jnp.cumsum(~rows, axis=1, dtype=jnp.int32) - 1
-    inverse = jnp.where(rows, first, later)
-    order = jnp.zeros_like(inverse).at[jnp.arange(b)[:, None], inverse].set(
-        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), unique_indices=True)
-    return order, inverse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_rows(x: jax.Array, order: jax.Array, inverse: jax.Array, n: int) -> jax.Array:
-    """x [B, T, ...] at the rows order[:, :n], where order [B, T] is a permutation and inverse its inverse: the
-    gradient is a gather by inverse, not the scatter-add of `take_along_axis`'s."""
-    return _take_rows(x, order[:, :n])
-
-
-def _take_rows(x, idx):
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def _gather_rows_fwd(x, order, inverse, n):
-    return gather_rows(x, order, inverse, n), inverse
-
-
-def _gather_rows_bwd(n, inverse, g):
-    pad = [(0, 0), (0, inverse.shape[1] - n)] + [(0, 0)] * (g.ndim - 2)
-    return _take_rows(jnp.pad(g, pad), inverse), None, None
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.Array, *,
@@ -215,7 +182,7 @@ def videonsa_dense_branch(q: jax.Array, k: jax.Array, v: jax.Array, vision: jax.
             mean = jax.lax.dynamic_slice_in_dim(mean, q_offset, t, axis=1)
         o_vision = jnp.repeat(mean, g, axis=2).astype(q.dtype)
 
-        order = partition_rows(~vision)[0][:, :rows]  # text rows first, in order
+        order = jnp.argsort(vision, axis=1, stable=True)[:, :rows]  # text rows first, in order
         q_text = jnp.take_along_axis(q, order[..., None, None], axis=1)
         keys = jnp.arange(s)
         shift = 0 if q_offset is None else q_offset  # a query row's position among the keys

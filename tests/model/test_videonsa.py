@@ -270,23 +270,3 @@ def test_native_runs_nsa_over_the_vision_features_rows_only():
     _, unbounded = model.language_model(x, ctx.replace(vision_tokens=None))
     np.testing.assert_allclose(bounded, unbounded, atol=1e-5, rtol=0)
     assert model.embed(jnp.asarray(ids), jnp.asarray(pos))[1].vision_tokens is None  # no features: unknown
-
-
-def test_partition_rows_is_a_stable_argsort_and_gather_rows_its_gradient():
-    """partition_rows against argsort(~rows, stable) and its inverse; gather_rows' values and gradient (a gather by
-    the inverse) against take_along_axis' (a scatter-add), for a prefix of the order too."""
-    from nsa_jax.videonsa import gather_rows, partition_rows
-
-    rows = jax.random.bernoulli(jax.random.key(0), 0.4, (3, 37))
-    order, inverse = partition_rows(rows)
-    want = jnp.argsort(~rows, axis=1, stable=True)
-    np.testing.assert_array_equal(order, want)
-    np.testing.assert_array_equal(inverse, jnp.argsort(want, axis=1))
-    x = jax.random.normal(jax.random.key(1), (3, 37, 2, 4))
-    w = jax.random.normal(jax.random.key(2), (3, 37, 2, 4))
-    for n in (37, 20):
-        take = lambda x: jnp.take_along_axis(x, order[:, :n, None, None], axis=1)
-        ours = lambda x: gather_rows(x, order, inverse, n)
-        np.testing.assert_array_equal(ours(x), take(x))
-        loss = lambda f: lambda x: (f(x) * w[:, :n]).sum()
-        np.testing.assert_array_equal(jax.grad(loss(ours))(x), jax.grad(loss(take))(x))
