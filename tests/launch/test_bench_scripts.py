@@ -24,6 +24,7 @@ def test_bench_train_reports_consistent_mfu_and_profile(tmp_path):
     assert set(prof["by_part"]) == {"vision tower", "attention core", "language (rest)", "loss", "optimizer"}
     assert all(ms > 0 for ms in prof["by_part"].values()) and prof["unattributed_ms_per_step"] == 0
     assert abs(sum(prof["by_part"].values()) - prof["device_ms_per_step"]) < 0.01
+    assert 0 <= prof["idle_ms_per_step"] < r["step_s"] * 1e3 and len(prof["idle_before"]) <= 15
 
 
 def test_bench_query_block_mode_and_breakdown(tmp_path):
