@@ -198,9 +198,9 @@ def breakdown(trace: dict | list, hlo_text: str, steps: int, top: int = 15) -> d
         "unattributed_top": [{"hlo_op": op, "ms": ms(us), "event": {k: unknown_event[op].get(k) for k in
                                                                     ("name", "args")}}
                              for op, us in unknown.most_common(top)],
-        # Time no kernel of the module ran, between its first kernel's start and its last one's end (host syncs,
-        # e.g. a conditional's predicate copied to the host, and launch gaps), each gap charged to the JAX name
-        # stack of the kernel that ended it.
+        # Time no kernel of the module ran, between its first kernel's start and its last one's end (launch gaps
+        # between kernels, host syncs, the host between steps), each gap charged to the JAX name stack of the
+        # kernel that ended it.
         "idle_ms_per_step": ms(idle_us),
         "idle_before": [{"op_name": name[-160:], "gaps_per_step": round(n / steps, 1), "ms": ms(us)}
                         for name, (us, n) in sorted(idle_before.items(), key=lambda kv: -kv[1][0])[:top]],

@@ -1,6 +1,6 @@
-"""Remat policies "attention" and "attention_mlp" (nsa_jax/layers.py): the NSA kernels' residuals, named by their custom VJPs, are kept
-from the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients of no
-remat (interpret mode)."""
+"""Remat policies of nsa_jax/layers.py. "attention": the NSA kernels' residuals, named by their custom VJPs, are
+kept from the forward, so the backward runs no forward kernel again (full remat runs each twice), with the gradients
+of no remat (interpret mode). "attention_mlp": a gated MLP's gate and up projections are kept too."""
 
 import jax
 import jax.numpy as jnp

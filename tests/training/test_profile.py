@@ -87,7 +87,8 @@ def test_idle_time_is_charged_to_the_kernel_after_each_gap():
                                      "args": {"hlo_op": op, "hlo_module": "jit_full_step"}}
     trace = _trace()
     stream = {"ph": "M", "pid": 2, "tid": 12, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}}
-    trace["traceEvents"] = trace["traceEvents"][:4] + [stream,
+    trace["traceEvents"] = trace["traceEvents"][:4] + [
+        stream,
         ev("while.5", 0, 1000),
         ev("custom-call.3", 0, 100),
         ev("fmha", 150, 100),  # 50 us idle before it
