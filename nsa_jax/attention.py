@@ -94,6 +94,8 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
     q_seg, k_seg = (segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)) \
         if segment_ids is not None else (None, None)
     unmasked = causal and q_offset is None and kv_valid is None and t == s and not isinstance(segment_ids, tuple)
+    # [B, S]: keys 0 .. j all hold key 0's segment (computed once; each chunk reads its last key's entry).
+    one_prefix = None if k_seg is None or not unmasked else jnp.cumsum(k_seg != k_seg[:, :1], axis=1) == 0
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
@@ -105,7 +107,7 @@ def _query_chunks(q, k, v, rows: jax.Array | None, *, chunk: int, causal: bool, 
             a, b, c, causal=causal, segment_ids=seg, kv_valid=valid, implementation=implementation,
             query_chunk=chunk, q_offset=offset)
         if unmasked and chunk_attention_applies(q[:, start:end], start, implementation):
-            one_segment = None if k_seg is None else (k_seg[:, :stop] == k_seg[:, :1]).all()
+            one_segment = None if one_prefix is None else one_prefix[:, stop - 1].all()
             attend = _unmasked_chunk(attend, start, one_segment)
         args = (q[:, start:end], k[:, :stop], v[:, :stop])
         outs.append(attend(*args) if rows is None else jax.lax.cond(
