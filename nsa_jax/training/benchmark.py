@@ -9,6 +9,7 @@ x peak FLOP/s of the devices).
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -29,8 +30,9 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
                      profile_dir: str = "", profile_steps: int = 3) -> dict:
     """Compiles the step of `config` (an ml_collections training config), runs it once and `warmup` more times,
     then times `steps` steps; the figures as a dict. `report` gets the progress lines (lowering, compiling, the
-    compiled step's memory). profile_dir: also trace `profile_steps` more steps there with `jax.profiler` and
-    add where their device time went (`profile.breakdown`) as "profile"."""
+    compiled step's memory). profile_dir: also trace `profile_steps` more steps there with `jax.profiler`, write the
+    compiled program beside the trace (`step.hlo.txt`) and add where their device time went (`profile.breakdown`)
+    as "profile"."""
     c, t, d = config, config.train, config.data
     mesh = make_mesh(dict(c.mesh))
     cfg = model_preset(c.model.preset, NSAConfig.from_dict(c.model.nsa))
@@ -78,7 +80,10 @@ def bench_train_step(config: Any, *, steps: int, warmup: int, report: Callable[[
             for _ in range(profile_steps):
                 state, m = compiled(state, batch)
             jax.block_until_ready((state, m))
-        breakdown = profile.breakdown(profile.load_trace(profile_dir), compiled.as_text(), profile_steps)
+        hlo_text = compiled.as_text()
+        with open(os.path.join(profile_dir, "step.hlo.txt"), "w") as f:  # the program the trace ran, for re-reading
+            f.write(hlo_text)
+        breakdown = profile.breakdown(profile.load_trace(profile_dir), hlo_text, profile_steps)
         report(f"profile: {profile_steps} steps traced to {profile_dir}")
 
     counts = batch_token_counts(host, cfg)

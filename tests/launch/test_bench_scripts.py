@@ -25,6 +25,11 @@ def test_bench_train_reports_consistent_mfu_and_profile(tmp_path):
     assert all(ms > 0 for ms in prof["by_part"].values()) and prof["unattributed_ms_per_step"] == 0
     assert abs(sum(prof["by_part"].values()) - prof["device_ms_per_step"]) < 0.01
     assert 0 <= prof["idle_ms_per_step"] < r["step_s"] * 1e3 and len(prof["idle_before"]) <= 15
+    # The compiled program is kept beside the trace: re-reading both gives the same breakdown.
+    from nsa_jax.training import profile
+
+    hlo = (tmp_path / "trace" / "step.hlo.txt").read_text()
+    assert profile.breakdown(profile.load_trace(str(tmp_path / "trace")), hlo, 1)["by_part"] == prof["by_part"]
 
 
 def test_bench_query_block_mode_and_breakdown(tmp_path):

@@ -1,5 +1,5 @@
 """`make_blocks` (blocks created under one vmap per run of equal kinds) and `run_blocks` (a scan over them)
-against plain per-block construction and a Python loop."""
+against plain per-block construction and a Python loop; the gated MLP's padded hidden width."""
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +53,30 @@ def test_run_blocks_scan_equals_a_python_loop():
 def test_runs_of_equal_kinds():
     assert runs([True, True, False, True]) == [(0, 2), (2, 3), (3, 4)]
     assert runs([None] * 3) == [(0, 3)] and runs([]) == []
+
+
+def test_gated_mlp_pads_its_hidden_width_for_the_matmuls_and_keeps_values_and_gradients():
+    """A hidden width of 40 runs its matmuls at 128 (`MLP_WIDTH_MULTIPLE`, zero weights); values and gradients (of
+    the parameters, as stored, and of x) equal the unpadded layers' own calls."""
+    from nsa_jax.layers import MLP_WIDTH_MULTIPLE, GatedMLP
+
+    mlp = GatedMLP(24, 40, "silu", bias=True, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    for name in ("gate_proj", "up_proj", "down_proj"):  # nonzero biases, so the padding must zero them too
+        layer = getattr(mlp, name)
+        layer.bias[...] = jax.random.normal(jax.random.key(len(name)), layer.bias.shape)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    w = jax.random.normal(jax.random.key(2), (2, 5, 24))
+    graphdef, state = nnx.split(mlp)
+    plain = lambda m, x: m.down_proj(m.act(m.gate_proj(x)) * m.up_proj(x))
+
+    def loss(fn):
+        return lambda state, x: (fn(nnx.merge(graphdef, state), x) * w).sum()
+
+    ours, want = jax.value_and_grad(loss(lambda m, x: m(x)), (0, 1)), jax.value_and_grad(loss(plain), (0, 1))
+    (v, g), (v_want, g_want) = ours(state, x), want(state, x)
+    np.testing.assert_allclose(v, v_want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_want)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    dots = [e for e in jax.make_jaxpr(lambda x: mlp(x))(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert sorted(e.outvars[0].aval.shape[-1] for e in dots) == [24, MLP_WIDTH_MULTIPLE, MLP_WIDTH_MULTIPLE]
