@@ -59,7 +59,7 @@ flags.DEFINE_list("selection_configs", ["4:2"], "breakdown: selection kernel set
                   "num_warps:num_stages (mode native: optionally :program_tiles; in mode query_block also "
                   "mosaic_gpu: the Hopper kernels), forward and "
                   "forward+backward; in mode native the first also its inverted index, forward kernels and "
-                  "backward alone")
+                  "backward alone; mode videonsa: the forward of the default and of each other setting")
 
 
 def _flops_fwd(method: str, t: int) -> float:
@@ -308,16 +308,21 @@ def _videonsa_breakdown(t: int) -> dict:
 
     st = _stage_inputs(t)
     q, k, v, lo, hi, layout = st.q, st.k, st.v, st.lo, st.hi, st.layout
-    slc_cfg = SelectionConfig(FLAGS.block_size, q.shape[-1] ** -0.5, rows_per_token=layout.group_size)
     vision = _video_routing(t)
-    return {
+    times = {
         "compression": _time_jax(jax.jit(lambda *a: masked_flash(st.cmp_cfg, *a)), q, st.kc, st.vc, lo, hi),
         "window": _time_jax(jax.jit(lambda *a: masked_flash(st.swa_cfg, *a)), q, k, v, lo, hi),
         "topk": _time_jax(st.topk, q, st.kc32, st.lse),
-        "selection": _time_jax(jax.jit(lambda *a: selection_attention(slc_cfg, *a)), _grouped_rows(q, layout), k, v,
-                               st.idx),
         "dense_branch": _time_jax(jax.jit(lambda *a: videonsa_dense_branch(*a, vision)), q[:, :t], k[:, :t], v[:, :t]),
     }
+    # The selection forward with the kernels' defaults ("selection"), then each --selection_configs setting
+    # (warps:stages) apart from the default.
+    for spec in ["default"] + [s for s in FLAGS.selection_configs if s != "4:2"]:
+        kw = {} if spec == "default" else dict(zip(("num_warps", "num_stages"), map(int, spec.split(":")[:2])))
+        cfg = SelectionConfig(FLAGS.block_size, q.shape[-1] ** -0.5, rows_per_token=layout.group_size, **kw)
+        times["selection" if spec == "default" else f"selection[{spec}]"] = _time_jax(
+            jax.jit(lambda *a, cfg=cfg: selection_attention(cfg, *a)), _grouped_rows(q, layout), k, v, st.idx)
+    return times
 
 
 def _time_selection(times: dict, spec: str, f, fwd_bwd, *args) -> bool:

@@ -75,12 +75,12 @@ def test_bench_videonsa_mode_and_plot(tmp_path):
     series (ms against T) and prints exactly those values."""
     r = _run(["launch.bench", "--seq_lens=64,80", "--heads=4", "--kv_heads=2", "--head_dim=16", "--block_size=16",
               "--block_count=2", "--window_size=16", "--methods=nsa", "--passes=fwd", "--mode=videonsa",
-              "--iters=1", "--warmup=0", "--breakdown"], tmp_path)
+              "--iters=1", "--warmup=0", "--breakdown", "--selection_configs=4:2,2:3"], tmp_path)
     assert r["flags"]["mode"] == "videonsa" and [row["T"] for row in r["rows"]] == [64, 80]
     assert all(row["nsa"]["ms"] > 0 for row in r["rows"])
     for row in r["rows"]:  # the released layer's stages, timed apart
         stages = row.pop("breakdown_ms")
-        assert set(stages) == {"compression", "window", "topk", "selection", "dense_branch"}, stages
+        assert set(stages) == {"compression", "window", "topk", "selection", "selection[2:3]", "dense_branch"}, stages
         assert all(ms > 0 for ms in stages.values())
     r["rows"][1]["cudnn"] = {"error": "not on CPU"}  # a failed method is left out of the plot
     (tmp_path / "bench.json").write_text(json.dumps({**r, "flags": {**r["flags"], "methods": ["nsa", "cudnn"]}}))
