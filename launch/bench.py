@@ -317,7 +317,8 @@ def _videonsa_breakdown(t: int) -> dict:
     }
     # The selection forward with the kernels' defaults ("selection"), then each --selection_configs setting
     # (warps:stages) apart from the default.
-    for spec in ["default"] + [s for s in FLAGS.selection_configs if s != "4:2"]:
+    default = f"{SelectionConfig.num_warps}:{SelectionConfig.num_stages}"
+    for spec in ["default"] + [s for s in FLAGS.selection_configs if s != default]:
         kw = {} if spec == "default" else dict(zip(("num_warps", "num_stages"), map(int, spec.split(":")[:2])))
         cfg = SelectionConfig(FLAGS.block_size, q.shape[-1] ** -0.5, rows_per_token=layout.group_size, **kw)
         times["selection" if spec == "default" else f"selection[{spec}]"] = _time_jax(
