@@ -61,7 +61,7 @@ def test_gated_mlp_pads_its_hidden_width_for_the_matmuls_and_keeps_values_and_gr
     from nsa_jax.layers import MLP_WIDTH_MULTIPLE, GatedMLP
 
     mlp = GatedMLP(24, 40, "silu", bias=True, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
-    for name in ("gate_proj", "up_proj", "down_proj"):  # nonzero biases, so the padding must zero them too
+    for name in ("gate_proj", "up_proj", "down_proj"):  # nonzero biases: the real outputs carry them
         layer = getattr(mlp, name)
         layer.bias[...] = jax.random.normal(jax.random.key(len(name)), layer.bias.shape)
     x = jax.random.normal(jax.random.key(1), (2, 5, 24))
